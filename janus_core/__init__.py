@@ -1,0 +1,28 @@
+"""janus_core: DeepSeek Janus, Janus-Pro and JanusFlow in plain PyTorch (no ComfyUI needed).
+
+Public API (imported lazily so ``import janus_core`` stays cheap):
+``load_model``, ``JanusModel``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "janus_core.model",
+    "JanusModel": "janus_core.model",
+    "JanusError": "janus_core.errors",
+    "CheckpointError": "janus_core.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'janus_core' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

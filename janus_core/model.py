@@ -1,0 +1,190 @@
+"""``load_model``: a checkpoint folder -> a :class:`JanusModel` that knows its variant, tokenizer and processor.
+
+Device and dtype policy when not given:
+
+* device: CUDA if available, else Apple MPS if available, else CPU.
+* dtype: CUDA -> bfloat16 where the GPU supports it, else float16; MPS -> float16; CPU -> bfloat16
+  (half the memory of float32: Janus-Pro-7B only fits a 24 GiB machine this way).
+* With float16 the VQ image decoder stays in float32 (its activations overflow float16).
+
+Loading builds the network on the ``meta`` device, then reads the checkpoint one tensor at a time,
+converting each to its final dtype and device, so no second full copy of the weights is ever held.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import iter_checkpoint
+from .config import JanusConfig, load_config
+from .errors import CheckpointError
+from .llm import LlamaRunner
+from .modules.composite import JanusARNet, JanusFlowNet
+from .processor import ImagePreprocessor, JanusTokenizer
+
+logger = logging.getLogger(__name__)
+
+# Stored tensors the original code never uses at inference; dropped knowingly (all other keys must match).
+UNUSED_KEYS = (
+    re.compile(r"^(vision_model|vision_und_enc_model)\.vision_tower\.attn_pool\."),
+    re.compile(r"^gen_vision_model\.quantize\.codebook_used$"),
+    re.compile(r"^language_model\.model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
+)
+
+# Modules kept in float32 when the rest runs in float16.
+FP32_UNDER_FP16 = ("gen_vision_model",)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16
+
+
+class JanusModel:
+    """A loaded Janus model: ``net`` (the ``nn.Module``), ``config``, ``tokenizer``, ``image_processor``.
+
+    ``variant`` is ``"janus-1.3b"``, ``"janus-pro"`` or ``"janusflow"``; ``llm`` runs the language model.
+    """
+
+    def __init__(self, net: nn.Module, config: JanusConfig, tokenizer: JanusTokenizer,
+                 image_processor: ImagePreprocessor, folder: Path, dtype: torch.dtype):
+        self.net = net
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.folder = folder
+        self.dtype = dtype
+        self.llm = LlamaRunner(net.language_model, config.llm)
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    @property
+    def is_flow(self) -> bool:
+        return self.config.is_flow
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.language_model.model.embed_tokens.weight.device
+
+    def to(self, device: torch.device | str) -> JanusModel:
+        """Move the weights to ``device`` (in place; returns self)."""
+        self.net.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"JanusModel(variant={self.variant!r}, folder='{self.folder}', device={self.device}, dtype={self.dtype})"
+
+
+def _target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    if dtype == torch.float16 and name.split(".", 1)[0] in FP32_UNDER_FP16:
+        return torch.float32
+    return dtype
+
+
+def _materialize_rope_buffers(net: nn.Module, config: JanusConfig, device: torch.device) -> None:
+    """Non-persistent rotary ``inv_freq`` buffers are not in checkpoints; compute them on ``device``."""
+    head_dim = config.llm.head_dim
+    for module in net.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is None or not buf.is_meta:
+                continue
+            if not name.endswith("inv_freq"):
+                raise CheckpointError(f"internal: buffer '{name}' of {type(module).__name__} was not loaded")
+            exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+            module.register_buffer(name, 1.0 / (config.llm.rope_theta ** exponent), persistent=False)
+
+
+def _listing(names: list[str], sep: str = ", ", limit: int = 20) -> str:
+    return sep.join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
+def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Fill the meta-device ``net`` from the checkpoint in ``folder`` (strict: every key and shape must match)."""
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    misshaped: list[str] = []
+    dropped = 0
+    for name, tensor in iter_checkpoint(folder):
+        if name not in expected:
+            if any(p.search(name) for p in UNUSED_KEYS):
+                dropped += 1
+            else:
+                unexpected.append(name)
+            continue
+        shape, _ = expected[name]
+        if tuple(tensor.shape) != shape:
+            misshaped.append(f"{name}: checkpoint {list(tensor.shape)} vs model {list(shape)}")
+            continue
+        target = _target_dtype(name, dtype) if tensor.is_floating_point() else tensor.dtype
+        loaded[name] = tensor.to(device=device, dtype=target)
+    missing = sorted(set(expected) - set(loaded) - {m.split(":")[0] for m in misshaped})
+    problems = []
+    if misshaped:
+        problems.append("tensors with the wrong shape (config.json and weights disagree):\n  "
+                        + _listing(misshaped, "\n  "))
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): " + _listing(missing))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unknown tensor(s): " + _listing(unexpected))
+    if problems:
+        raise CheckpointError(f"The checkpoint in {folder} does not match its config.json; "
+                              + "; ".join(problems) + ". Re-download the checkpoint or check the variant.")
+    net.load_state_dict(loaded, strict=True, assign=True)
+    _materialize_rope_buffers(net, config, device)
+    logger.info("loaded %d tensors from %s (%d unused stored tensors dropped)", len(loaded), folder, dropped)
+
+
+def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+               variant: str | None = None) -> JanusModel:
+    """Load the checkpoint folder ``path`` (config.json, tokenizer.json, weights) as a :class:`JanusModel`.
+
+    ``device``/``dtype`` default to the policy in this module's docstring; ``variant`` forces
+    ``"janus-1.3b"`` or ``"janus-pro"`` prompt roles (``None`` detects the variant).
+    """
+    folder = Path(path).expanduser()
+    config = load_config(folder, variant=variant)
+    tokenizer = JanusTokenizer(folder)
+    image_processor = ImagePreprocessor.from_folder(folder)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"dtype must be a floating point torch dtype, got {dtype}")
+    if config.llm.vocab_size < tokenizer.vocab_size:
+        raise CheckpointError(
+            f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{config.llm.vocab_size}; the tokenizer belongs to another model."
+        )
+    with torch.device("meta"):
+        net = JanusFlowNet(config) if config.is_flow else JanusARNet(config)
+    load_weights(net, config, folder, device, dtype)
+    net.eval().requires_grad_(False)
+    n_params = sum(p.numel() for p in net.parameters())
+    logger.info("%s: %.2fB parameters on %s as %s", config.variant, n_params / 1e9, device, dtype)
+    return JanusModel(net, config, tokenizer, image_processor, folder, dtype)
+
+
+def param_bytes(model: JanusModel) -> int:
+    """Bytes held by the model's parameters."""
+    return sum(p.numel() * p.element_size() for p in model.net.parameters())
+
+
+__all__ = ["JanusModel", "load_model", "default_device", "default_dtype", "param_bytes"]

@@ -1,0 +1,22 @@
+"""Shared pytest fixtures: paths of the tiny checkpoints and their goldens."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PRO_TINY = FIXTURES / "janus-pro-tiny"
+FLOW_TINY = FIXTURES / "janusflow-tiny"
+IMAGE_PATH = FIXTURES / "images" / "synthetic_200x300.png"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(1)
+
+
+def golden(model_dir: Path, name: str) -> dict:
+    """Load ``<model_dir>/golden/<name>.safetensors`` as a dict of tensors."""
+    return load_file(str(model_dir / "golden" / f"{name}.safetensors"))
