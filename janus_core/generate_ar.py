@@ -1,0 +1,211 @@
+"""Janus / Janus-Pro text-to-image: prompt encoding, CFG rows, the 576-step token loop, VQ decoding.
+
+Reference algorithm (DeepSeek's ``generation_inference.py``): the conditional row is the templated prompt
+followed by ``<begin_of_image>``; the unconditional row keeps BOS and ``<begin_of_image>`` and replaces
+everything between with the pad token (attended, no mask). At each step the gen head's logits are mixed
+as ``uncond + w * (cond - uncond)``, a token is drawn and fed back to both rows through
+``gen_aligner(gen_embed(token))``. Our loop prefills the two prompt rows once (shared by the whole batch)
+into a preallocated KV cache and then feeds one token per row per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+import torch
+
+from .errors import JanusError
+from .llm import KVCache
+from .model import JanusModel
+from .processor import generation_prompt
+from .sampling import cfg_mix, check_sampling_args, row_generators, sample_next
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKENS = 576
+TOKEN_GRID = (24, 24)
+
+TokenCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A templated generation prompt: ``ids [L]`` (BOS ... ``<begin_of_image>``) for one model."""
+
+    text: str
+    prompt_string: str
+    ids: torch.Tensor
+    variant: str
+    model_folder: str
+
+
+@dataclass(frozen=True)
+class CFGPair:
+    """Conditional and unconditional prompt rows for ``batch_size`` images.
+
+    ``cond_ids [Lc]``; ``uncond_ids [Lu]`` (the reference pad row, or a negative prompt).
+    """
+
+    cond_ids: torch.Tensor
+    uncond_ids: torch.Tensor
+    batch_size: int
+    variant: str
+    model_folder: str
+    negative_prompt: str | None = None
+
+
+def _model_key(model: JanusModel) -> str:
+    return str(model.folder)
+
+
+def encode_prompt(model: JanusModel, text: str) -> PromptTokens:
+    """Template ``text`` for text-to-image with the model's roles and tokenise it."""
+    if not isinstance(text, str) or not text.strip():
+        raise JanusError("The prompt is empty; describe the image you want.")
+    prompt_string = generation_prompt(model.variant, text)
+    ids = torch.tensor(model.tokenizer.encode(prompt_string), dtype=torch.long)
+    limit = model.config.llm.max_position_embeddings - IMAGE_TOKENS
+    if ids.numel() > limit:
+        raise JanusError(f"The prompt is {ids.numel()} tokens long; at most {limit} fit before the 576 image "
+                         "tokens. Shorten it.")
+    return PromptTokens(text, prompt_string, ids, model.variant, _model_key(model))
+
+
+def _check_prompt_model(model: JanusModel, prompt: PromptTokens | CFGPair, what: str) -> None:
+    if prompt.model_folder != _model_key(model) or prompt.variant != model.variant:
+        raise JanusError(
+            f"This {what} was built for another model ({prompt.variant} from {prompt.model_folder}); rebuild it "
+            f"with the model you sample with ({model.variant} from {model.folder})."
+        )
+
+
+def build_cfg_pair(model: JanusModel, prompt: str | PromptTokens, batch_size: int = 1,
+                   negative_prompt: str | PromptTokens | None = None) -> CFGPair:
+    """The reference CFG rows (uncond = BOS + pads + ``<begin_of_image>``) or, with a negative prompt, that
+    prompt's rows as the unconditional branch."""
+    _require_ar(model)
+    if int(batch_size) < 1:
+        raise JanusError(f"batch_size must be >= 1, got {batch_size}.")
+    cond = prompt if isinstance(prompt, PromptTokens) else encode_prompt(model, prompt)
+    _check_prompt_model(model, cond, "prompt")
+    negative_text = None
+    if negative_prompt is None or (isinstance(negative_prompt, str) and not negative_prompt.strip()):
+        uncond_ids = cond.ids.clone()
+        uncond_ids[1:-1] = model.tokenizer.pad_id
+    else:
+        neg = negative_prompt if isinstance(negative_prompt, PromptTokens) else encode_prompt(model, negative_prompt)
+        _check_prompt_model(model, neg, "negative prompt")
+        uncond_ids = neg.ids
+        negative_text = neg.text
+    return CFGPair(cond.ids, uncond_ids, int(batch_size), model.variant, _model_key(model), negative_text)
+
+
+def _require_ar(model: JanusModel) -> None:
+    if model.is_flow:
+        raise JanusError("JanusFlow generates images with the flow sampler, not with VQ tokens; use "
+                         "'Janus Flow Sampler' (generate_flow_latents) for this model.")
+
+
+def _prefill(model: JanusModel, pair: CFGPair, extra: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    """Prefill [cond, uncond] once and share it with every image.
+
+    Returns the cache for ``2B`` rows (cond rows first) with room for ``extra`` more positions, the
+    last-position hidden states ``[2, hidden]`` and each row's next RoPE position ``[2B, 1]``.
+    """
+    runner, device, b = model.llm, model.device, pair.batch_size
+    rows = [pair.cond_ids, pair.uncond_ids]
+    length = max(r.numel() for r in rows)
+    padded = any(r.numel() != length for r in rows)
+    ids = torch.full((2, length), model.tokenizer.pad_id, dtype=torch.long)
+    valid = torch.zeros(2, length, dtype=torch.bool)
+    for i, r in enumerate(rows):  # left padding, masked out
+        ids[i, length - r.numel():] = r
+        valid[i, length - r.numel():] = True
+    ids, valid = ids.to(device), valid.to(device)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    small = KVCache.allocate(runner, 2, length, with_mask=padded)
+    hidden = runner.forward(runner.embed(ids), small, positions, new_valid=valid if padded else None)
+    cache = KVCache.allocate(runner, 2 * b, length + extra, with_mask=padded)
+    source = torch.arange(2, device=device).repeat_interleave(b)
+    small.copy_prefix_into(cache, slice(None), source)
+    next_pos = (positions[:, -1] + 1)[source].unsqueeze(1)
+    return cache, hidden[:, -1], next_pos
+
+
+StepStream = Generator[tuple[torch.Tensor, torch.Tensor], torch.Tensor, None]
+
+
+def cfg_logit_steps(model: JanusModel, pair: CFGPair) -> StepStream:
+    """The AR loop without sampling: yields ``(hidden [2B, H], gen-head logits [2B, V])`` per step.
+
+    Rows ``[0, B)`` are conditional, ``[B, 2B)`` unconditional. Send the chosen tokens ``[B]`` to get the
+    next step; the first yield is the prefill (logits at ``<begin_of_image>``).
+    """
+    net, b = model.net, pair.batch_size
+    cache, last, positions = _prefill(model, pair, IMAGE_TOKENS)
+    source = torch.arange(2, device=last.device).repeat_interleave(b)
+    hidden = last[source]
+    for step in range(IMAGE_TOKENS):
+        chosen = yield hidden, net.gen_head(hidden)
+        if step == IMAGE_TOKENS - 1:
+            return
+        embeds = net.image_token_embeds(chosen).repeat(2, 1).unsqueeze(1)  # [2B, 1, H]
+        hidden = model.llm.forward(embeds, cache, positions + step)[:, -1]
+
+
+@torch.inference_mode()
+def generate_image_tokens(model: JanusModel, prompt: str | PromptTokens | CFGPair, batch_size: int = 1,
+                          seed: int = 0, cfg_weight: float = 5.0, temperature: float = 1.0, top_k: int = 0,
+                          top_p: float = 1.0, negative_prompt: str | None = None,
+                          callback: TokenCallback | None = None) -> torch.Tensor:
+    """Sample ``[B, 576]`` VQ token ids (LongTensor, raster order over the 24x24 grid) for ``prompt``.
+
+    ``prompt`` is text, a :class:`PromptTokens` or a :class:`CFGPair` (then ``batch_size`` and
+    ``negative_prompt`` come from the pair). ``top_k=1`` is greedy. Image ``i`` uses seed ``seed + i``.
+    ``callback(step, total, tokens_so_far [B, step + 1])`` runs after every token; raising stops the loop.
+    """
+    _require_ar(model)
+    check_sampling_args(temperature, top_k, top_p)
+    if isinstance(prompt, CFGPair):
+        pair = prompt
+        _check_prompt_model(model, pair, "CFG pair")
+    else:
+        pair = build_cfg_pair(model, prompt, batch_size, negative_prompt)
+    b, device = pair.batch_size, model.device
+    generators = None if top_k == 1 else row_generators(seed, b, device)
+    tokens = torch.empty(b, IMAGE_TOKENS, dtype=torch.long, device=device)
+    steps = cfg_logit_steps(model, pair)
+    _, out = next(steps)
+    for step in range(IMAGE_TOKENS):
+        logits = cfg_mix(out[:b].float(), out[b:].float(), cfg_weight)
+        tokens[:, step] = sample_next(logits, generators, temperature, top_k, top_p)
+        if callback is not None:
+            callback(step, IMAGE_TOKENS, tokens[:, : step + 1])
+        if step < IMAGE_TOKENS - 1:
+            _, out = steps.send(tokens[:, step])
+    steps.close()
+    return tokens
+
+
+@torch.inference_mode()
+def decode_image_tokens(model: JanusModel, tokens: torch.Tensor) -> torch.Tensor:
+    """VQ ids ``[B, 576]`` -> images ``[B, 384, 384, 3]`` float32 in 0..1 on the CPU (ComfyUI IMAGE layout)."""
+    _require_ar(model)
+    if tokens.dim() != 2 or tokens.shape[1] != IMAGE_TOKENS:
+        raise JanusError(f"Expected image tokens of shape [B, {IMAGE_TOKENS}], got {list(tokens.shape)}.")
+    vq = model.net.gen_vision_model
+    weight = vq.post_quant_conv.weight
+    decoded = vq.decode_code(tokens.to(weight.device).long(), TOKEN_GRID)
+    return images_from_decoded(decoded)
+
+
+def images_from_decoded(decoded: torch.Tensor) -> torch.Tensor:
+    """Decoder output ``[B, 3, H, W]`` in [-1, 1] -> ``[B, H, W, 3]`` float32 0..1 on the CPU."""
+    return ((decoded.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """IMAGE ``[B, H, W, 3]`` 0..1 -> uint8, truncating like the reference (and ComfyUI's Save Image)."""
+    return (images * 255.0).clamp(0, 255).to(torch.uint8)
