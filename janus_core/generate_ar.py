@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import JanusError
+from .images import images_from_decoded
 from .llm import KVCache
 from .model import JanusModel
 from .processor import generation_prompt
@@ -199,13 +200,3 @@ def decode_image_tokens(model: JanusModel, tokens: torch.Tensor) -> torch.Tensor
     weight = vq.post_quant_conv.weight
     decoded = vq.decode_code(tokens.to(weight.device).long(), TOKEN_GRID)
     return images_from_decoded(decoded)
-
-
-def images_from_decoded(decoded: torch.Tensor) -> torch.Tensor:
-    """Decoder output ``[B, 3, H, W]`` in [-1, 1] -> ``[B, H, W, 3]`` float32 0..1 on the CPU."""
-    return ((decoded.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous().cpu()
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """IMAGE ``[B, H, W, 3]`` 0..1 -> uint8, truncating like the reference (and ComfyUI's Save Image)."""
-    return (images * 255.0).clamp(0, 255).to(torch.uint8)

@@ -11,8 +11,8 @@ from janus_core.generate_ar import (
     decode_image_tokens,
     encode_prompt,
     generate_image_tokens,
-    to_uint8,
 )
+from janus_core.images import to_uint8
 from janus_core.sampling import cfg_mix
 from tests.conftest import FLOW_TINY, PRO_TINY, golden
 
