@@ -1,7 +1,7 @@
 """janus_core: DeepSeek Janus, Janus-Pro and JanusFlow in plain PyTorch (no ComfyUI needed).
 
-Public API (imported lazily so ``import janus_core`` stays cheap):
-``load_model``, ``JanusModel``.
+Public API (imported lazily so ``import janus_core`` stays cheap): ``load_model``, ``JanusModel``,
+``generate_image_tokens``, ``decode_image_tokens``, ``generate_flow_latents``, ``understand``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "janus_core.model",
     "JanusModel": "janus_core.model",
+    "generate_image_tokens": "janus_core.generate_ar",
+    "decode_image_tokens": "janus_core.generate_ar",
+    "generate_flow_latents": "janus_core.generate_flow",
+    "understand": "janus_core.understand",
     "JanusError": "janus_core.errors",
     "CheckpointError": "janus_core.errors",
 }

@@ -63,7 +63,10 @@ def _model_key(model: JanusModel) -> str:
 
 def encode_prompt(model: JanusModel, text: str) -> PromptTokens:
     """Template ``text`` for text-to-image with the model's roles and tokenise it."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise JanusError(f"Expected the prompt as text, a PromptTokens or a CFGPair, got {type(text).__name__} "
+                         "(a FlowCFG belongs to a JanusFlow model and its flow sampler).")
+    if not text.strip():
         raise JanusError("The prompt is empty; describe the image you want.")
     prompt_string = generation_prompt(model.variant, text)
     ids = torch.tensor(model.tokenizer.encode(prompt_string), dtype=torch.long)

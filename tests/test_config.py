@@ -96,3 +96,13 @@ def test_bad_configs(tmp_path):
     raw["vision_config"]["params"]["model_name"] = "siglip_huge"
     with pytest.raises(CheckpointError, match="Unknown vision tower"):
         parse_config(raw)
+
+
+def test_public_api_is_exported_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, janus_core; assert 'torch' not in sys.modules; "
+            "names = ['load_model', 'generate_image_tokens', 'decode_image_tokens', 'generate_flow_latents', "
+            "'understand', 'JanusModel', 'JanusError']; assert all(callable(getattr(janus_core, n)) for n in names)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -116,3 +116,92 @@ def test_flow_model_rejected():
     flow = janus_core.load_model(FLOW_TINY, device="cpu", dtype=torch.float32)
     with pytest.raises(JanusError, match="flow sampler"):
         generate_image_tokens(flow, "a cat")
+
+
+def _forced_rows(model, pair, forced: torch.Tensor) -> list[torch.Tensor]:
+    steps = cfg_logit_steps(model, pair)
+    _, out = next(steps)
+    outs = [out]
+    for s in range(forced.shape[1]):
+        _, out = steps.send(forced[:, s])
+        outs.append(out)
+    steps.close()
+    return outs
+
+
+def test_negative_prompt_rows_are_padded_and_masked_exactly(model):
+    short, long = "A cat.", "A very long negative prompt about blurry, noisy, low quality pictures."
+    forced = torch.randint(0, 4096, (1, 6), generator=torch.Generator().manual_seed(0))
+    mixed = _forced_rows(model, build_cfg_pair(model, short, 1, long), forced)
+    alone_short = _forced_rows(model, build_cfg_pair(model, short, 1), forced)
+    alone_long = _forced_rows(model, build_cfg_pair(model, long, 1), forced)
+    for m, s, lg in zip(mixed, alone_short, alone_long, strict=True):
+        close(m[0], s[0], rtol=1e-5)  # the shorter cond row is left-padded: same logits as alone
+        close(m[1], lg[0], rtol=1e-5)  # the negative row is the long prompt's cond row
+
+
+def test_negative_prompt_changes_the_image(model):
+    a = generate_image_tokens(model, "A red cube.", top_k=1)
+    b = generate_image_tokens(model, "A red cube.", top_k=1, negative_prompt="a blue sphere")
+    assert not torch.equal(a, b)
+
+
+def test_seeds_are_reproducible_and_per_image(model):
+    batch = generate_image_tokens(model, "A red cube.", batch_size=3, seed=11)
+    again = generate_image_tokens(model, "A red cube.", batch_size=3, seed=11)
+    assert torch.equal(batch, again)
+    assert len({tuple(r.tolist()) for r in batch}) == 3
+    for i in range(3):
+        alone = generate_image_tokens(model, "A red cube.", batch_size=1, seed=11 + i)
+        assert torch.equal(alone[0], batch[i])
+
+
+def test_sampling_filters_change_output(model):
+    base = generate_image_tokens(model, "A red cube.", seed=1)
+    assert not torch.equal(base, generate_image_tokens(model, "A red cube.", seed=1, top_k=5))
+    assert not torch.equal(base, generate_image_tokens(model, "A red cube.", seed=1, top_p=0.5))
+
+
+def test_callback_reports_progress_and_can_cancel(model):
+    seen = []
+
+    class Cancelled(Exception):
+        pass
+
+    def callback(step, total, tokens):
+        seen.append((step, total, tokens.shape[1]))
+        if step == 9:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        generate_image_tokens(model, "A red cube.", callback=callback)
+    assert seen[0] == (0, 576, 1) and seen[-1] == (9, 576, 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": -1.0, "top_k": 1}, "temperature must be > 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"prompt": "  "}, "prompt is empty"),
+    ],
+)
+def test_bad_arguments(model, kwargs, message):
+    args = {"prompt": "A red cube."} | kwargs
+    with pytest.raises(JanusError, match=message):
+        generate_image_tokens(model, **args)
+
+
+def test_prompt_from_another_model_is_rejected(model):
+    flow = janus_core.load_model(FLOW_TINY, device="cpu", dtype=torch.float32)
+    from janus_core.generate_flow import build_flow_cfg
+
+    with pytest.raises(JanusError, match="another model"):
+        generate_image_tokens(model, encode_prompt(janus_core.load_model(PRO_TINY, dtype=torch.float32,
+                                                                           variant="janus-1.3b"), "a cat"))
+    with pytest.raises(JanusError, match="FlowCFG belongs to a JanusFlow model"):
+        generate_image_tokens(model, build_flow_cfg(flow, "a cat"))

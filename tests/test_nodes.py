@@ -1,0 +1,83 @@
+"""The nodes called directly (no ComfyUI): each node's contract on the tiny fixtures."""
+
+import pytest
+import torch
+
+import nodes
+from janus_core.errors import JanusError
+from janus_core.generate_ar import build_cfg_pair, decode_image_tokens, generate_image_tokens
+from janus_core.generate_flow import generate_flow_latents, latent_to_sdxl_vae
+from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY
+
+N = nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def pro():
+    return N["DSJanusModelLoader"]().load(str(PRO_TINY.resolve()), "fp32", "auto")[0]
+
+
+@pytest.fixture(scope="module")
+def flow():
+    return N["DSJanusModelLoader"]().load(str(FLOW_TINY.resolve()), "fp32", "auto")[0]
+
+
+def test_every_node_is_declared_completely():
+    assert set(N) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in N.items():
+        assert name.startswith("DSJanus") and cls.CATEGORY == "Janus" and cls.DESCRIPTION
+        spec = cls.INPUT_TYPES()
+        for section in spec.values():
+            for input_name, declaration in section.items():
+                assert declaration[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert callable(getattr(cls, cls.FUNCTION))
+        assert all(t.startswith("DSJANUS_") or t in {"IMAGE", "LATENT", "STRING"} for t in cls.RETURN_TYPES)
+
+
+def test_text_to_image_chain(pro):
+    prompt = N["DSJanusPromptEncoder"]().encode(pro, "A red cube on a blue table.")[0]
+    negative = N["DSJanusPromptEncoder"]().encode(pro, "blurry")[0]
+    pair = N["DSJanusCFGPair"]().build(pro, prompt, 2, negative)[0]
+    tokens = N["DSJanusARSampler"]().sample(pro, pair, 7, 5.0, 1.0, 0, 1.0)[0]
+    assert tokens.tokens.shape == (2, 576) and tokens.tokens.dtype == torch.long
+    expected = generate_image_tokens(pro.model, build_cfg_pair(pro.model, prompt, 2, negative), seed=7)
+    assert torch.equal(tokens.tokens, expected.cpu())
+    images = N["DSJanusVQDecode"]().decode(pro, tokens)[0]
+    assert images.shape == (2, 384, 384, 3) and images.dtype == torch.float32
+    assert images.device.type == "cpu" and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images, decode_image_tokens(pro.model, expected))
+
+
+def test_flow_sampler_outputs_unscaled_sdxl_latent(flow):
+    prompt = N["DSJanusPromptEncoder"]().encode(flow, "Sunset over the sea.")[0]
+    pair = N["DSJanusCFGPair"]().build(flow, prompt, 2)[0]
+    latent = N["DSJanusFlowSampler"]().sample(flow, pair, 3, 4, 2.0)[0]
+    z = generate_flow_latents(flow.model, pair, seed=3, steps=4, cfg_weight=2.0)
+    assert latent["samples"].shape == (2, 4, 48, 48)
+    torch.testing.assert_close(latent["samples"], latent_to_sdxl_vae(z))
+
+
+def test_understanding_node(pro):
+    import numpy as np
+    from PIL import Image
+
+    pixels = torch.from_numpy(np.array(Image.open(IMAGE_PATH).convert("RGB"))).float().div(255)
+    batch = torch.stack([pixels, pixels.flip(1)])
+    out = N["DSJanusUnderstand"]().answer(pro, batch, "Describe this image.", "per image", 8, 0.0, 0.95, 0)
+    assert len(out["result"][0]) == 2 and out["ui"]["text"] == out["result"][0]
+    together = N["DSJanusUnderstand"]().answer(pro, batch, "Compare.", "all images in one question", 8, 0.0, 0.95, 0)
+    assert len(together["result"][0]) == 1
+
+
+def test_wrong_model_kind_errors(pro, flow):
+    flow_prompt = N["DSJanusPromptEncoder"]().encode(flow, "a cat")[0]
+    flow_pair = N["DSJanusCFGPair"]().build(flow, flow_prompt, 1)[0]
+    with pytest.raises(JanusError, match="JanusFlow"):
+        N["DSJanusARSampler"]().sample(pro, flow_pair, 0, 5.0, 1.0, 0, 1.0)
+    pro_pair = N["DSJanusCFGPair"]().build(pro, N["DSJanusPromptEncoder"]().encode(pro, "a cat")[0], 1)[0]
+    with pytest.raises(JanusError, match="Janus-Pro"):
+        N["DSJanusFlowSampler"]().sample(flow, pro_pair, 0, 2, 2.0)
+    with pytest.raises(JanusError, match="another model"):
+        N["DSJanusCFGPair"]().build(pro, flow_prompt, 1)
+    with pytest.raises(JanusError, match="batch_size"):
+        N["DSJanusCFGPair"]().build(pro, N["DSJanusPromptEncoder"]().encode(pro, "a cat")[0], 0)
