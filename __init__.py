@@ -12,5 +12,4 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 if __package__:  # imported as a package (ComfyUI); pytest may import this file as a plain module
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
 
-WEB_DIRECTORY = None
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -81,3 +81,21 @@ def test_wrong_model_kind_errors(pro, flow):
         N["DSJanusCFGPair"]().build(pro, flow_prompt, 1)
     with pytest.raises(JanusError, match="batch_size"):
         N["DSJanusCFGPair"]().build(pro, N["DSJanusPromptEncoder"]().encode(pro, "a cat")[0], 0)
+
+
+def test_pack_root_imports_as_a_package_without_comfyui():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('ComfyUI_Janus', r'{root / '__init__.py'}', "
+        f"submodule_search_locations=[r'{root}'])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['ComfyUI_Janus'] = mod\n"
+        "spec.loader.exec_module(mod)\n"
+        "assert len(mod.NODE_CLASS_MAPPINGS) == 7 and 'comfy' not in sys.modules\n"
+        "assert 'transformers' not in sys.modules, 'import must stay light'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
