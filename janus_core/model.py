@@ -5,7 +5,8 @@ Device and dtype policy when not given:
 * device: CUDA if available, else Apple MPS if available, else CPU.
 * dtype: CUDA -> bfloat16 where the GPU supports it, else float16; MPS -> float16; CPU -> bfloat16
   (half the memory of float32: Janus-Pro-7B only fits a 24 GiB machine this way).
-* With float16 the VQ image decoder stays in float32 (its activations overflow float16).
+* With float16 the VQ image decoder and the image-token head stay in float32 (the decoder's activations
+  overflow float16; the head's 16384 logits decide every sampled token).
 
 Loading builds the network on the ``meta`` device, then reads the checkpoint one tensor at a time,
 converting each to its final dtype and device, so no second full copy of the weights is ever held.
@@ -37,7 +38,7 @@ UNUSED_KEYS = (
 )
 
 # Modules kept in float32 when the rest runs in float16.
-FP32_UNDER_FP16 = ("gen_vision_model",)
+FP32_UNDER_FP16 = ("gen_vision_model", "gen_head")
 
 
 def default_device() -> torch.device:

@@ -86,10 +86,20 @@ def test_requested_dtype_without_copies(reference):
     assert all(torch.equal(state[k].float(), v) for k, v in reference.items())
 
 
-def test_fp16_keeps_vq_decoder_fp32():
+def test_fp16_keeps_vq_decoder_and_gen_head_fp32():
     model = load_model(PRO_TINY, device="cpu", dtype=torch.float16)
     assert model.net.gen_vision_model.decoder.conv_in.weight.dtype == torch.float32
-    assert model.net.gen_head.vision_head.weight.dtype == torch.float16
+    assert model.net.gen_head.vision_head.weight.dtype == torch.float32
+    assert model.net.gen_aligner.layers[0].weight.dtype == torch.float16
+    from janus_core.generate_ar import build_cfg_pair, cfg_logit_steps, decode_image_tokens, generate_image_tokens
+
+    fp32 = load_model(PRO_TINY, device="cpu", dtype=torch.float32)
+    _, half_logits = next(cfg_logit_steps(model, build_cfg_pair(model, "A red cube.")))
+    _, full_logits = next(cfg_logit_steps(fp32, build_cfg_pair(fp32, "A red cube.")))
+    assert half_logits.dtype == torch.float32
+    torch.testing.assert_close(half_logits, full_logits, rtol=0, atol=2e-2 * full_logits.abs().max().item())
+    tokens = generate_image_tokens(model, "A red cube.", top_k=1)
+    assert torch.isfinite(decode_image_tokens(model, tokens)).all()
 
 
 def test_pickle_with_code_is_refused(tmp_path):

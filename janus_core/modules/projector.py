@@ -42,5 +42,6 @@ class GenHead(nn.Module):
         self.vision_head = nn.Linear(image_token_embed, image_token_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [.., n_embed] -> logits [.., image_token_size]."""
+        """hidden [.., n_embed] -> logits [.., image_token_size] (computed in the head's own dtype)."""
+        hidden = hidden.to(self.output_mlp_projector.weight.dtype)
         return self.vision_head(self.vision_activation(self.output_mlp_projector(hidden)))
