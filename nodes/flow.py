@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from janus_core.errors import JanusError
+from janus_core.generate_ar import IMAGE_TOKENS
 from janus_core.generate_flow import FlowCFG, generate_flow_latents, latent_to_sdxl_vae
 
 from . import comfy_services as comfy
-from .loader import JanusModelHandle
+from .loader import JanusModelHandle, kv_cache_bytes
 from .text_to_image import SEED_MAX, model_input
 
 
@@ -37,11 +38,13 @@ class DSJanusFlowSampler:
         if not isinstance(cfg_pair, FlowCFG):
             raise JanusError("This CFG pair was built for a Janus / Janus-Pro model; the flow sampler needs one "
                              "built with a JanusFlow model.")
-        m = model.ready()
+        rows = 2 * cfg_pair.batch_size if cfg_weight != 1.0 else cfg_pair.batch_size
+        m = model.ready(kv_cache_bytes(model.model, rows, cfg_pair.prompt_len + 1 + IMAGE_TOKENS))
         progress = comfy.Progress(steps)
+        previewer = comfy.sdxl_latent_previewer(m.device)  # z is SDXL-scaled, as ComfyUI's previewers expect
 
         def on_step(done: int, total: int, z: torch.Tensor) -> None:
-            progress.update(done, comfy.sdxl_latent_preview(z[:1]))
+            progress.update(done, previewer(z[:1]) if previewer is not None else None)
 
         z = generate_flow_latents(m, cfg_pair, seed=seed, steps=steps, cfg_weight=cfg_weight, callback=on_step)
         return ({"samples": latent_to_sdxl_vae(z.float()).cpu()},)

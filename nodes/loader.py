@@ -31,30 +31,60 @@ class JanusModelHandle:
         self.device = device
         self.patcher = comfy.make_patcher(model.net, device)
 
-    def ready(self) -> JanusModel:
-        comfy.ensure_loaded(self.patcher, self.model.net, self.device)
+    def ready(self, memory_required: int = 0) -> JanusModel:
+        """Load the weights onto the compute device (again, if ComfyUI offloaded them) and return the model.
+
+        ``memory_required``: bytes the coming run needs beyond the weights (KV cache), so ComfyUI can make room.
+        """
+        comfy.ensure_loaded(self.patcher, self.model.net, self.device, memory_required)
         return self.model
 
     def __repr__(self) -> str:
         return f"JanusModelHandle({self.model!r})"
 
 
+def kv_cache_bytes(model: JanusModel, rows: int, positions: int) -> int:
+    """Bytes of the LLM's KV cache for ``rows`` sequences of ``positions`` tokens (the bulk of a run's memory)."""
+    spec = model.config.llm
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * spec.num_hidden_layers * rows * spec.num_key_value_heads * spec.head_dim * positions * itemsize
+
+
 def model_choices() -> list[str]:
     """Every sub-folder holding a config.json, plus known DeepSeek releases not on disk (marked download)."""
     found: list[str] = []
     for base in comfy.model_dirs():
-        if not base.is_dir():
-            continue
-        for config in sorted(base.rglob("config.json")):
-            folder = config.parent
-            if folder == base or ".partial" in folder.name or folder.parent.name == "vae":
-                continue
-            name = folder.relative_to(base).as_posix()
+        for name in comfy.find_model_folders(base):
             if name not in found:
                 found.append(name)
     present = {known_name(Path(name).name) for name in found}
     missing = [short + DOWNLOAD_SUFFIX for short in KNOWN_REPOS if short not in present]
     return found + missing
+
+
+def local_model_folder(model: str) -> Path | None:
+    """The folder on disk for a combo value or absolute path, or None when it must be downloaded.
+
+    Order: an absolute model folder; ``<models dir>/<value>``; for a known release (``Janus-Pro-1B``, also
+    with the ``(download)`` mark), any listed folder of that name, e.g. ``models/Janus/deepseek-ai/Janus-Pro-1B``.
+    """
+    name = model.removesuffix(DOWNLOAD_SUFFIX).strip()
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path if is_model_folder(path) else None
+    if any(comfy.skipped_folder(part) for part in path.parts):
+        return None  # hidden folders and unfinished downloads are never models
+    dirs = comfy.model_dirs()
+    for base in dirs:
+        if is_model_folder(base / name):
+            return base / name
+    short = known_name(name)
+    if short is not None:
+        for base in dirs:
+            for rel in comfy.find_model_folders(base):
+                if known_name(Path(rel).name) == short:
+                    return base / rel
+    return None
 
 
 class DSJanusModelLoader:
@@ -84,19 +114,28 @@ class DSJanusModelLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model: str) -> bool | str:
-        """Accept listed names, '(download)' names even after the download, and absolute folder paths."""
-        name = model.removesuffix(DOWNLOAD_SUFFIX)
-        if known_name(name) or Path(name).is_absolute() or name in model_choices():
+        """Accept listed names, known releases (downloaded on first run) and absolute model folder paths."""
+        name = model.removesuffix(DOWNLOAD_SUFFIX).strip()
+        if not name:
+            return "No model chosen: pick a folder from models/Janus or a '(download)' entry."
+        path = Path(name).expanduser()
+        if path.is_absolute():
+            if is_model_folder(path):
+                return True
+            return f"'{name}' is not a model folder: it has no config.json (point to the checkpoint folder)."
+        if known_name(name) or local_model_folder(name) is not None:
             return True
-        return f"Model '{model}' not found in {', '.join(map(str, comfy.model_dirs()))}"
+        where = ", ".join(map(str, comfy.model_dirs())) or "(no model folders; set JANUS_MODELS_DIR)"
+        return f"Model '{model}' not found in {where}. Put the checkpoint folder there or pick a '(download)' entry."
 
     def load(self, model: str, dtype: str = "auto", variant: str = "auto"):
-        name = model.removesuffix(DOWNLOAD_SUFFIX)
-        path = Path(name)
-        if not (path.is_absolute() and is_model_folder(path)):
-            path = resolve_model_path(name, comfy.model_dirs(), download_dir=comfy.download_dir())
+        path = local_model_folder(model)
+        if path is None:  # a known release not on disk: download it now (only when chosen and run)
+            path = resolve_model_path(model.removesuffix(DOWNLOAD_SUFFIX).strip(), comfy.model_dirs(),
+                                      download_dir=comfy.download_dir())
         device = comfy.torch_device()
         torch_dtype = DTYPES[dtype] or default_dtype(device)
+        # In ComfyUI the weights are read into the offload device; ready() moves them before each use.
         loaded = load_model(path, device=comfy.offload_device() if comfy.IN_COMFYUI else device,
                             dtype=torch_dtype, variant=None if variant == "auto" else variant)
         return (JanusModelHandle(loaded, device),)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,10 @@ from janus_core.generate_flow import build_flow_cfg
 from janus_core.images import images_from_decoded
 
 from . import comfy_services as comfy
-from .loader import JanusModelHandle
+from .loader import JanusModelHandle, kv_cache_bytes
 
 PREVIEW_EVERY = 48  # tokens (two rows of the 24x24 grid)
+PREVIEW_TIME_BUDGET = 0.1  # previews may take at most this share of the sampling time (VQ decode is slow on CPUs)
 SEED_MAX = 2**63 - 1
 
 
@@ -106,6 +108,26 @@ def partial_grid_preview(model, tokens: torch.Tensor) -> Image.Image | None:
     return canvas
 
 
+class PreviewSchedule:
+    """When to send a partial-grid preview: every :data:`PREVIEW_EVERY` tokens at most, and only while the
+    previews' decode time stays within :data:`PREVIEW_TIME_BUDGET` of the sampling time (a GPU decodes a preview
+    in milliseconds and gets one every two rows; a CPU gets fewer)."""
+
+    def __init__(self) -> None:
+        self.last_step = 0
+        self.cost = 0.0
+        self.since = time.perf_counter()
+
+    def due(self, done: int) -> bool:
+        if done - self.last_step < PREVIEW_EVERY:
+            return False
+        return (time.perf_counter() - self.since) * PREVIEW_TIME_BUDGET >= self.cost
+
+    def record(self, done: int, started: float) -> None:
+        self.last_step, self.since = done, time.perf_counter()
+        self.cost = self.since - started
+
+
 class DSJanusARSampler:
     DESCRIPTION = ("Generates the 576 image tokens of each image autoregressively with classifier-free "
                    "guidance (Janus-1.3B / Janus-Pro). Decode them with Janus VQ-VAE Decoder.")
@@ -136,13 +158,18 @@ class DSJanusARSampler:
         if not isinstance(cfg_pair, CFGPair):
             raise JanusError("This CFG pair was built for a JanusFlow model; the AR sampler needs one built with "
                              "a Janus / Janus-Pro model.")
-        m = model.ready()
+        prompt_len = max(cfg_pair.cond_ids.shape[-1], cfg_pair.uncond_ids.shape[-1])
+        m = model.ready(kv_cache_bytes(model.model, 2 * cfg_pair.batch_size, prompt_len + IMAGE_TOKENS))
         progress = comfy.Progress(IMAGE_TOKENS)
-        previews = comfy.previews_enabled()
+        schedule = PreviewSchedule() if comfy.previews_enabled() else None
 
         def on_token(step: int, total: int, tokens: torch.Tensor) -> None:
             done = step + 1
-            preview = partial_grid_preview(m, tokens) if previews and done % PREVIEW_EVERY == 0 else None
+            preview = None
+            if schedule is not None and done < total and schedule.due(done):
+                started = time.perf_counter()
+                preview = partial_grid_preview(m, tokens)
+                schedule.record(done, started)
             progress.update(done, preview)
 
         tokens = generate_image_tokens(m, cfg_pair, seed=seed, cfg_weight=cfg_weight, temperature=temperature,

@@ -7,10 +7,12 @@ import torch
 from janus_core.understand import understand
 
 from . import comfy_services as comfy
-from .loader import JanusModelHandle
+from .loader import JanusModelHandle, kv_cache_bytes
 from .text_to_image import SEED_MAX, model_input
 
 MODES = ["per image", "all images in one question"]
+IMAGE_BLOCK = 577  # image positions per image (576; JanusFlow adds a begin-of-understanding embedding)
+PROMPT_ALLOWANCE = 256  # system prompt, roles and question, for the memory estimate
 
 
 class DSJanusUnderstand:
@@ -45,10 +47,14 @@ class DSJanusUnderstand:
 
     def answer(self, model: JanusModelHandle, image: torch.Tensor, question: str, mode: str,
                max_new_tokens: int, temperature: float, top_p: float, seed: int):
-        m = model.ready()
+        per_image = mode == MODES[0]
+        count = int(image.shape[0]) if isinstance(image, torch.Tensor) and image.dim() == 4 else 1
+        rows, images_per_row = (count, 1) if per_image else (1, count)
+        positions = images_per_row * (IMAGE_BLOCK + 2) + PROMPT_ALLOWANCE + max_new_tokens
+        m = model.ready(kv_cache_bytes(model.model, rows, positions))
         progress = comfy.Progress(max_new_tokens)
         answers = understand(m, image, question, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, seed=seed, per_image=mode == MODES[0],
+                             top_p=top_p, seed=seed, per_image=per_image,
                              callback=lambda step, total: progress.update(step))
         progress.update(max_new_tokens)
         return {"ui": {"text": answers}, "result": (answers,)}

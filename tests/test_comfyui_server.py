@@ -1,0 +1,311 @@
+"""Runs every workflow in workflows/ through a real ComfyUI server (needs COMFYUI_PATH; slow, opt-in).
+
+    COMFYUI_PATH=/path/to/ComfyUI python -m pytest -q -m comfyui tests/test_comfyui_server.py
+
+Run it with a Python that has ComfyUI's requirements and this pack's installed (the server is started with the
+same interpreter, or with COMFYUI_PYTHON). The server runs on loopback with ``--cpu`` and its own temporary
+``--base-directory``: this pack is symlinked into its custom_nodes, the tiny fixtures are the models (one in an
+``--extra-model-paths-config`` folder, one in the legacy ``models/Janus-Pro`` folder), and the SDXL VAE for
+JanusFlow is a randomly initialised full-size SDXL-architecture VAE saved with diffusers keys (ComfyUI's VAE
+loader builds the SDXL architecture from fixed sizes, so the fixture's tiny VAE cannot stand in for it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from comfy_client import ComfyServer, RunResult
+from conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY
+from workflow_format import CORE_NODES, check_ui_workflow, combo_values, input_specs, spec_type, ui_to_api
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+TINY_MODELS = {"pro": "janus-pro-tiny", "flow": "janusflow-tiny"}
+KNOWN = ["Janus-1.3B", "Janus-Pro-1B", "Janus-Pro-7B", "JanusFlow-1.3B"]
+BATCH = 2
+IMAGE_TOKENS = 576
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run the real-server test"),
+]
+
+
+def write_sdxl_vae(path: Path) -> None:
+    """A random full-size SDXL-architecture VAE, single file, diffusers key names (ComfyUI converts them)."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers builds the stand-in SDXL VAE")
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, str(path))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    comfy = Path(COMFYUI_PATH)
+    if not (comfy / "main.py").is_file():
+        pytest.skip(f"COMFYUI_PATH={COMFYUI_PATH} is not a ComfyUI checkout (no main.py)")
+    root = tmp_path_factory.mktemp("comfy")
+    base = root / "base"
+    for sub in ("custom_nodes", "input", "output", "user", "models/Janus-Pro"):
+        (base / sub).mkdir(parents=True)
+    (base / "custom_nodes" / "ComfyUI-Janus").symlink_to(REPO, target_is_directory=True)
+    shutil.copy(IMAGE_PATH, base / "input" / "example.png")
+    # models: Janus-Pro tiny through extra_model_paths (models/Janus is added beside it), JanusFlow tiny in the
+    # legacy models/Janus-Pro folder other packs use.
+    extra = root / "extra_models"
+    (extra / "Janus").mkdir(parents=True)
+    (extra / "vae").mkdir()
+    (extra / "Janus" / TINY_MODELS["pro"]).symlink_to(PRO_TINY, target_is_directory=True)
+    (base / "models" / "Janus-Pro" / TINY_MODELS["flow"]).symlink_to(FLOW_TINY, target_is_directory=True)
+    write_sdxl_vae(extra / "vae" / "sdxl_vae.safetensors")
+    config = root / "extra_model_paths.yaml"
+    config.write_text(f"janus_test:\n    base_path: {extra}\n    Janus: Janus\n    vae: vae\n")
+    srv = ComfyServer(
+        comfy_path=comfy,
+        python=os.environ.get("COMFYUI_PYTHON", sys.executable),
+        args=["--base-directory", str(base), "--extra-model-paths-config", str(config), "--preview-method", "auto",
+              "--disable-metadata"],
+        log_path=root / "comfyui.log",
+        env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+             "PYTHONUNBUFFERED": "1"},
+    )
+    srv.base = base  # type: ignore[attr-defined]
+    srv.start()
+    try:
+        info = srv.get("/object_info")
+        if "DSJanusModelLoader" not in info:
+            pytest.fail(f"ComfyUI did not load the pack:\n{srv.log_tail(120)}")
+        srv.object_info = info  # type: ignore[attr-defined]
+        yield srv
+    finally:
+        srv.stop()
+
+
+def api_prompt(server, path: Path, **overrides) -> dict:
+    """The workflow as an API prompt, with the tiny models and test-sized batches swapped in."""
+    wf = json.loads(path.read_text())
+    for node in wf["nodes"]:
+        values = node.get("widgets_values")
+        if node["type"] == "DSJanusModelLoader":
+            values[0] = TINY_MODELS["flow" if "flow" in values[0].lower() else "pro"]
+        if node["type"] == "DSJanusCFGPair":
+            values[0] = overrides.get("batch_size", BATCH)
+        if node["type"] in ("DSJanusARSampler", "DSJanusFlowSampler"):
+            values[0] = zlib.crc32(path.name.encode())  # workflows sharing a chain must not share its cache
+    assert check_ui_workflow(wf, server.object_info, {("LoadImage", "image"): lambda v: v == "example.png"}) == []
+    prompt = ui_to_api(wf, server.object_info)
+    for entry in prompt.values():
+        for key, value in overrides.get(entry["class_type"], {}).items():
+            entry["inputs"][key] = value
+    return prompt
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def saved_images(server, result: RunResult, prompt: dict) -> list:
+    from PIL import Image
+
+    images = []
+    for node_id in (k for k, v in prompt.items() if v["class_type"] == "SaveImage"):
+        for item in result.outputs[node_id]["images"]:
+            with Image.open(server.base / "output" / item["subfolder"] / item["filename"]) as im:
+                images.append(im.size)
+    return images
+
+
+def assert_success(server, result: RunResult) -> None:
+    assert result.status == "success", f"{result.error()}\n--- server log ---\n{server.log_tail()}"
+
+
+def run_twice(server, prompt: dict) -> tuple[RunResult, RunResult]:
+    first = server.run(prompt)
+    assert_success(server, first)
+    second = server.run(prompt)
+    assert_success(server, second)
+    assert second.cached_nodes() == set(prompt), "a second identical run is served entirely from the cache"
+    assert not second.executed_nodes() and not second.of_type("progress")
+    return first, second
+
+
+# --- the server sees what we expect ----------------------------------------------------------------------
+
+def test_pack_loaded_and_model_folders(server):
+    choices = server.object_info["DSJanusModelLoader"]["input"]["required"]["model"][0]
+    assert TINY_MODELS["pro"] in choices  # via extra_model_paths.yaml (Janus key kept, models/Janus added)
+    assert TINY_MODELS["flow"] in choices  # via models/Janus-Pro
+    assert [c for c in choices if c.endswith(" (download)")] == [n + " (download)" for n in KNOWN]
+    assert "Cannot import" not in "\n".join(line for line in server.log_text().splitlines() if "Janus" in line)
+
+
+def test_workflows_served_as_templates(server):
+    """ComfyUI serves a pack's workflows/ folder in its template browser."""
+    templates = server.get("/workflow_templates")
+    assert sorted(templates.get("ComfyUI-Janus", [])) == sorted(p.stem for p in WORKFLOWS)
+    for path in WORKFLOWS:
+        assert server.get(f"/api/workflow_templates/ComfyUI-Janus/{path.name}") == json.loads(path.read_text())
+
+
+def test_core_node_table_matches_server(server):
+    for ntype, expected in CORE_NODES.items():
+        live = server.object_info[ntype]
+        got = [(n, spec_type(s), opt) for n, s, opt in input_specs(live)]
+        assert got == [(n, spec_type(s), opt) for n, s, opt in input_specs(expected)], ntype
+        assert live["output"] == expected["output"], ntype
+        for (name, spec, _), (_, live_spec, _) in zip(input_specs(expected), input_specs(live), strict=True):
+            if combo_values(spec) is not None:
+                assert combo_values(live_spec) == combo_values(spec), f"{ntype}.{name}"
+            for key in ("min", "max", "image_upload"):
+                if key in spec[1]:
+                    assert live_spec[1].get(key) == spec[1][key], f"{ntype}.{name}.{key}"
+
+
+# --- every workflow runs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_runs_and_second_run_is_cached(server, path):
+    prompt = api_prompt(server, path)
+    first, second = run_twice(server, prompt)
+    types = {v["class_type"] for v in prompt.values()}
+
+    if "DSJanusARSampler" in types:
+        sampler = node_of(prompt, "DSJanusARSampler")
+        progress = first.progress(sampler)
+        assert [v for v, _ in progress] == list(range(1, IMAGE_TOKENS + 1))  # one event per token
+        assert {m for _, m in progress} == {IMAGE_TOKENS}
+        assert first.previews >= 1  # partial-grid previews (every 48 tokens at most, within a time budget)
+        side = 768 if "ImageScaleBy" in types else 384
+        assert saved_images(server, first, prompt) == [(side, side)] * BATCH
+    if "DSJanusFlowSampler" in types:
+        sampler = node_of(prompt, "DSJanusFlowSampler")
+        steps = prompt[sampler]["inputs"]["steps"]
+        assert first.progress(sampler) == [(i, steps) for i in range(1, steps + 1)]
+        assert first.previews >= steps  # ComfyUI's latent previewer, every step
+        assert saved_images(server, first, prompt) == [(384, 384)] * BATCH
+    if "DSJanusUnderstand" in types:
+        understand = node_of(prompt, "DSJanusUnderstand")
+        progress = first.progress(understand)
+        assert progress and progress[-1][0] == progress[-1][1] == prompt[understand]["inputs"]["max_new_tokens"]
+        texts = first.outputs[node_of(prompt, "PreviewAny")]["text"]
+        assert len(texts) == 1 and isinstance(texts[0], str)
+        assert first.outputs[understand]["text"] == texts
+        assert second.outputs[node_of(prompt, "PreviewAny")]["text"] == texts
+
+
+def test_changed_seed_reruns_only_downstream(server):
+    path = REPO / "workflows" / "janus_pro_text_to_image.json"
+    prompt = api_prompt(server, path)
+    assert_success(server, server.run(prompt))
+    sampler = node_of(prompt, "DSJanusARSampler")
+    changed = copy.deepcopy(prompt)
+    changed[sampler]["inputs"]["seed"] += 1
+    result = server.run(changed)
+    assert_success(server, result)
+    upstream = {node_of(prompt, t) for t in ("DSJanusModelLoader", "DSJanusPromptEncoder", "DSJanusCFGPair")}
+    assert upstream <= result.cached_nodes()  # the loader does not re-run
+    assert result.executed_nodes() == set(prompt) - upstream
+
+
+def _loads(server) -> int:
+    return server.log_text().count("Requested to load JanusARNet")
+
+
+def test_unload_models_then_model_comes_back(server):
+    path = REPO / "workflows" / "janus_pro_text_to_image.json"
+    prompt = api_prompt(server, path, batch_size=1)
+    sampler = node_of(prompt, "DSJanusARSampler")
+    assert_success(server, server.run(prompt))
+    loads = _loads(server)
+    assert loads >= 1, "the model goes through ComfyUI's load_models_gpu"
+    prompt[sampler]["inputs"]["seed"] += 100
+    assert_success(server, server.run(prompt))
+    assert _loads(server) == loads, "still loaded: no reload between runs"
+
+    server.post("/free", {"unload_models": True})
+    time.sleep(1.5)  # the prompt worker applies the flag between prompts
+    prompt[sampler]["inputs"]["seed"] += 100
+    result = server.run(prompt)
+    assert_success(server, result)
+    assert node_of(prompt, "DSJanusModelLoader") in result.cached_nodes()  # same handle, offloaded, reloaded
+    assert _loads(server) == loads + 1, "after 'Unload models' the cached model is loaded again"
+
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    time.sleep(1.5)
+    result = server.run(prompt)  # caches were dropped too: everything runs again
+    assert_success(server, result)
+    assert result.executed_nodes() == set(prompt)
+
+
+def test_interrupt_stops_sampling_and_leaves_no_broken_cache(server):
+    path = REPO / "workflows" / "janusflow_text_to_image.json"
+    prompt = api_prompt(server, path, batch_size=1, DSJanusFlowSampler={"steps": 200, "seed": 7})
+    sampler = node_of(prompt, "DSJanusFlowSampler")
+    result = server.run(prompt, interrupt_on_progress_of=sampler)
+    assert result.of_type("execution_interrupted"), result.error()
+    done = [v for v, _ in result.progress(sampler)]
+    assert done and max(done) < 200, "cancel takes effect within a step or two"
+    again = server.run(prompt)  # the interrupted sampler is not cached: it runs fully now
+    assert_success(server, again)
+    assert sampler in again.executed_nodes()
+    assert [v for v, _ in again.progress(sampler)][-1] == 200
+
+
+# --- the real frontend reads the workflows as we do (optional: needs playwright and a Chromium) -------------
+
+FRONTEND_PROMPT = """async (wf) => {
+    await window.app.loadGraphData(wf, true, false);
+    const prompt = await window.app.graphToPrompt();
+    return {output: prompt.output, saved: window.app.graph.serialize()};
+}"""
+
+
+def test_frontend_loads_workflows_like_our_converter(server):
+    """ComfyUI's own frontend loads each workflow and turns it into the same API prompt as ui_to_api."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives the frontend")
+    browser_path = os.environ.get("CHROMIUM") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    if browser_path is None:
+        pytest.skip("no Chromium found (set CHROMIUM)")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url, wait_until="networkidle", timeout=180_000)
+            page.wait_for_function("() => window.app && window.app.graph", timeout=180_000)
+            errors.clear()  # the frontend's own start-up (settings, no user database) is not under test
+            for path in WORKFLOWS:
+                wf = json.loads(path.read_text())
+                got = page.evaluate(FRONTEND_PROMPT, wf)
+                ours = ui_to_api(wf, server.object_info)
+                assert set(got["output"]) == set(ours), path.name
+                for node_id, entry in ours.items():
+                    theirs = got["output"][node_id]
+                    known = {n for n, _, _ in input_specs(server.object_info[entry["class_type"]])}
+                    # frontend-only display widgets (PreviewAny's "preview") are not node inputs
+                    theirs_inputs = {k: v for k, v in theirs["inputs"].items() if k in known}
+                    assert (theirs["class_type"], theirs_inputs) == (entry["class_type"], entry["inputs"]), path.name
+                saved = {n["id"]: n.get("widgets_values") for n in got["saved"]["nodes"]}
+                assert saved == {n["id"]: n["widgets_values"] for n in wf["nodes"]}, f"{path.name} re-saved differs"
+        finally:
+            browser.close()
+    assert not errors, errors

@@ -1,0 +1,165 @@
+"""The workflows in workflows/ are valid UI-format graphs that match our node definitions (no ComfyUI needed)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from workflow_format import (
+    CORE_NODES,
+    VIRTUAL_NODES,
+    check_ui_workflow,
+    input_specs,
+    is_widget,
+    named_widgets,
+    offline_object_info,
+    ui_to_api,
+)
+
+from janus_core.hub import known_name
+from nodes import NODE_CLASS_MAPPINGS
+from nodes.loader import DOWNLOAD_SUFFIX, model_choices
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+FILES = sorted(WORKFLOWS.glob("*.json"))
+
+# The node types each shipped workflow must contain (Notes aside).
+EXPECTED = {
+    "janus_pro_text_to_image.json": {"DSJanusModelLoader", "DSJanusPromptEncoder", "DSJanusCFGPair",
+                                     "DSJanusARSampler", "DSJanusVQDecode", "SaveImage"},
+    "janus_pro_upscale_chain.json": {"DSJanusModelLoader", "DSJanusPromptEncoder", "DSJanusCFGPair",
+                                     "DSJanusARSampler", "DSJanusVQDecode", "ImageScaleBy", "SaveImage"},
+    "janusflow_text_to_image.json": {"DSJanusModelLoader", "DSJanusPromptEncoder", "DSJanusCFGPair",
+                                     "DSJanusFlowSampler", "VAELoader", "VAEDecode", "SaveImage"},
+    "janus_caption_image.json": {"DSJanusModelLoader", "LoadImage", "DSJanusUnderstand", "PreviewAny"},
+}
+
+# Widget names of the core nodes we use, in widgets_values order.
+CORE_WIDGETS = {
+    "SaveImage": ["filename_prefix"],
+    "ImageScaleBy": ["upscale_method", "scale_by"],
+    "VAELoader": ["vae_name"],
+    "VAEDecode": [],
+    "LoadImage": ["image"],  # + the upload button's value ("image")
+    "PreviewAny": [],
+}
+
+
+def model_value_ok(value: object) -> bool:
+    """The loader's combo may name a known release that is not downloaded yet."""
+    if not isinstance(value, str):
+        return False
+    return value in model_choices() or known_name(value.removesuffix(DOWNLOAD_SUFFIX)) is not None
+
+
+EXEMPT = {("DSJanusModelLoader", "model"): model_value_ok, ("VAELoader", "vae_name"): lambda v: isinstance(v, str),
+          ("LoadImage", "image"): lambda v: isinstance(v, str)}
+
+
+@pytest.fixture(scope="module")
+def object_info() -> dict:
+    return offline_object_info(NODE_CLASS_MAPPINGS)
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_shipped_workflows_present():
+    assert {p.name for p in FILES} >= set(EXPECTED)
+
+
+def test_core_table_covers_core_widgets(object_info):
+    for ntype, names in CORE_WIDGETS.items():
+        info = object_info[ntype]
+        assert [n for n, spec, _ in input_specs(info) if is_widget(spec)] == names
+        values = ["x.png", "image"] if ntype == "LoadImage" else [None] * len(names)
+        assert list(named_widgets({"id": 1, "type": ntype, "widgets_values": values}, info)) == names
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_workflow_is_valid(path: Path, object_info):
+    wf = load(path)
+    assert check_ui_workflow(wf, object_info, EXEMPT) == []
+    types = {n["type"] for n in wf["nodes"]}
+    unknown = types - set(NODE_CLASS_MAPPINGS) - set(CORE_NODES) - VIRTUAL_NODES
+    assert not unknown, f"node types that are neither ours nor known core nodes: {unknown}"
+    if path.name in EXPECTED:
+        assert types - VIRTUAL_NODES == EXPECTED[path.name]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_workflow_has_download_note(path: Path):
+    notes = [n for n in load(path)["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes, "every workflow says what to download where"
+    text = " ".join(str(v) for n in notes for v in n["widgets_values"])
+    assert "models/Janus" in text and "deepseek-ai/" in text
+    if any(n["type"] == "VAELoader" for n in load(path)["nodes"]):
+        assert "models/vae" in text and "sdxl_vae.safetensors" in text
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_widget_values_follow_input_types(path: Path, object_info):
+    """Spot-check the positional mapping: seeds carry a control value, samplers get their own parameters."""
+    for node in load(path)["nodes"]:
+        if node["type"] not in NODE_CLASS_MAPPINGS:
+            continue
+        widgets = named_widgets(node, object_info[node["type"]])
+        if "seed" in widgets:
+            assert widgets["seed"][2] and widgets["seed"][2][0] in ("fixed", "increment", "decrement", "randomize")
+        if node["type"] == "DSJanusModelLoader":
+            assert widgets["dtype"][0] == "auto" and widgets["variant"][0] == "auto"
+            flow = "Flow" in widgets["model"][0]
+            assert flow == ("janusflow" in path.name)
+        if node["type"] == "DSJanusARSampler":
+            assert widgets["cfg_weight"][0] == 5.0 and widgets["temperature"][0] == 1.0
+        if node["type"] == "DSJanusFlowSampler":
+            assert widgets["steps"][0] == 30 and widgets["cfg_weight"][0] == 2.0
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_converts_to_api_prompt(path: Path, object_info):
+    wf = load(path)
+    prompt = ui_to_api(wf, object_info)
+    real = [n for n in wf["nodes"] if n["type"] not in VIRTUAL_NODES]
+    assert set(prompt) == {str(n["id"]) for n in real}
+    for node_id, entry in prompt.items():
+        info = object_info[entry["class_type"]]
+        for name in info["input"].get("required", {}):
+            assert name in entry["inputs"], f"{node_id}.{name} missing"
+        for value in entry["inputs"].values():
+            if isinstance(value, list):  # a link: [source node id, output slot]
+                assert value[0] in prompt and value[1] < len(object_info[prompt[value[0]]["class_type"]]["output"])
+    assert any(object_info[e["class_type"]]["output_node"] for e in prompt.values())
+
+
+# The checker itself catches what it should.
+
+def _t2i() -> dict:
+    return load(WORKFLOWS / "janus_pro_text_to_image.json")
+
+
+def _node(wf: dict, ntype: str) -> dict:
+    return next(n for n in wf["nodes"] if n["type"] == ntype)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda wf: _node(wf, "DSJanusARSampler")["widgets_values"].pop(1), "widget values"),
+    (lambda wf: _node(wf, "DSJanusARSampler")["widgets_values"].__setitem__(2, 99.0), "outside"),
+    (lambda wf: _node(wf, "DSJanusCFGPair")["widgets_values"].__setitem__(0, 0), "outside"),
+    (lambda wf: _node(wf, "DSJanusModelLoader")["widgets_values"].__setitem__(1, "int8"), "not in"),
+    (lambda wf: _node(wf, "DSJanusModelLoader")["widgets_values"].__setitem__(0, "nowhere"), "not in"),
+    (lambda wf: _node(wf, "DSJanusARSampler")["widgets_values"].__setitem__(1, "sometimes"), "control"),
+    (lambda wf: wf["links"][0].__setitem__(5, "IMAGE"), "type"),
+    (lambda wf: wf["links"][0].__setitem__(4, 1), "slot"),
+    (lambda wf: _node(wf, "SaveImage").__setitem__("type", "SaveImageX"), "unknown node type"),
+    (lambda wf: wf.pop("links"), "missing"),
+    (lambda wf: wf.__setitem__("last_link_id", 1), "last_link_id"),
+])
+def test_checker_catches_broken_workflows(breakage, message, object_info):
+    wf = copy.deepcopy(_t2i())
+    breakage(wf)
+    problems = check_ui_workflow(wf, object_info, EXEMPT)
+    assert problems and any(message in p for p in problems), problems
