@@ -12,12 +12,14 @@ loader builds the SDXL architecture from fixed sizes, so the fixture's tiny VAE 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import sys
 import time
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -275,37 +277,148 @@ FRONTEND_PROMPT = """async (wf) => {
 }"""
 
 
-def test_frontend_loads_workflows_like_our_converter(server):
-    """ComfyUI's own frontend loads each workflow and turns it into the same API prompt as ui_to_api."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives the frontend")
-    browser_path = os.environ.get("CHROMIUM") or next(
+def _chromium() -> str:
+    path = os.environ.get("CHROMIUM") or next(
         (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-    if browser_path is None:
+    if path is None:
         pytest.skip("no Chromium found (set CHROMIUM)")
-    errors: list[str] = []
+    return path
+
+
+@contextlib.contextmanager
+def frontend_page(server, errors: list[str], console: list[str] | None = None, **page_args):
+    """The server's frontend in headless Chromium, once ``window.app.graph`` exists; page errors go to ``errors``."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives the frontend")
+    browser_path = _chromium()
+    server.post("/settings", {"Comfy.TutorialCompleted": True})  # no first-run template dialog over the canvas
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=browser_path, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         try:
-            page = browser.new_page()
+            page = browser.new_page(**page_args)
             page.on("pageerror", lambda e: errors.append(str(e)))
+            if console is not None:
+                page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.goto(server.url, wait_until="networkidle", timeout=180_000)
             page.wait_for_function("() => window.app && window.app.graph", timeout=180_000)
             errors.clear()  # the frontend's own start-up (settings, no user database) is not under test
-            for path in WORKFLOWS:
-                wf = json.loads(path.read_text())
-                got = page.evaluate(FRONTEND_PROMPT, wf)
-                ours = ui_to_api(wf, server.object_info)
-                assert set(got["output"]) == set(ours), path.name
-                for node_id, entry in ours.items():
-                    theirs = got["output"][node_id]
-                    known = {n for n, _, _ in input_specs(server.object_info[entry["class_type"]])}
-                    # frontend-only display widgets (PreviewAny's "preview") are not node inputs
-                    theirs_inputs = {k: v for k, v in theirs["inputs"].items() if k in known}
-                    assert (theirs["class_type"], theirs_inputs) == (entry["class_type"], entry["inputs"]), path.name
-                saved = {n["id"]: n.get("widgets_values") for n in got["saved"]["nodes"]}
-                assert saved == {n["id"]: n["widgets_values"] for n in wf["nodes"]}, f"{path.name} re-saved differs"
+            yield page
         finally:
             browser.close()
+
+
+def assert_same_prompt(server, got: dict, ours: dict, name: str) -> None:
+    assert set(got) == set(ours), name
+    for node_id, entry in ours.items():
+        theirs = got[node_id]
+        known = {n for n, _, _ in input_specs(server.object_info[entry["class_type"]])}
+        # frontend-only display widgets (PreviewAny's "preview") are not node inputs
+        theirs_inputs = {k: v for k, v in theirs["inputs"].items() if k in known}
+        assert (theirs["class_type"], theirs_inputs) == (entry["class_type"], entry["inputs"]), name
+
+
+def test_frontend_loads_workflows_like_our_converter(server):
+    """ComfyUI's own frontend loads each workflow and turns it into the same API prompt as ui_to_api."""
+    errors: list[str] = []
+    with frontend_page(server, errors) as page:
+        for path in WORKFLOWS:
+            wf = json.loads(path.read_text())
+            got = page.evaluate(FRONTEND_PROMPT, wf)
+            assert_same_prompt(server, got["output"], ui_to_api(wf, server.object_info), path.name)
+            saved = {n["id"]: n.get("widgets_values") for n in got["saved"]["nodes"]}
+            assert saved == {n["id"]: n["widgets_values"] for n in wf["nodes"]}, f"{path.name} re-saved differs"
     assert not errors, errors
+
+
+# --- web/janus_show_text.js: the understanding node shows its answer ---------------------------------------
+
+EXTENSION_JS = "/extensions/ComfyUI-Janus/janus_show_text.js"
+ANSWER_STATE = """(nodeId) => {
+    const node = window.app.graph.getNodeById(nodeId);
+    const widget = node?.widgets?.find((w) => w.name === "answer");
+    if (!widget) return null;
+    const el = widget.inputEl;
+    const box = el ? el.getBoundingClientRect() : null;
+    const hit = box ? document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2) : null;
+    return {value: widget.value, textarea: el ? el.value : null, readOnly: el ? el.readOnly : null,
+            box: box ? [box.x, box.y, box.width, box.height] : null, onTop: hit === el,
+            viewport: [window.innerWidth, window.innerHeight]};
+}"""
+
+
+def test_web_extension_is_served(server):
+    assert EXTENSION_JS in server.get("/extensions")
+    with urllib.request.urlopen(server.url + EXTENSION_JS, timeout=60) as r:
+        assert "registerExtension" in r.read().decode()
+
+
+def _finished_entry(server, question: str, node_id: str, timeout: float = 600.0) -> dict:
+    """The history entry of the prompt the frontend queued (found by its unique question), once it has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in server.get("/history").values():
+            prompt = entry.get("prompt", [None, None, {}])[2]
+            if (prompt.get(node_id, {}).get("inputs", {}).get("question") == question
+                    and entry.get("status", {}).get("completed") is not None):
+                return entry
+        time.sleep(0.25)
+    raise AssertionError(f"the frontend's prompt did not finish in {timeout}s\n{server.log_tail()}")
+
+
+def test_frontend_shows_understanding_answer_on_the_node(server, tmp_path):
+    """Queued from the real frontend, DSJanusUnderstand shows its answer in a read-only text box on the node; the
+    answer is saved with the workflow, restored on load, and never sent back as a node input."""
+    wf = json.loads((REPO / "workflows" / "janus_caption_image.json").read_text())
+    question = f"What is in this picture? (frontend check {time.time_ns()})"  # unique: never served from cache
+    for node in wf["nodes"]:
+        if node["type"] == "DSJanusModelLoader":
+            node["widgets_values"][0] = TINY_MODELS["pro"]
+        if node["type"] == "DSJanusUnderstand":
+            node["widgets_values"][:3] = [question, "per image", 24]
+            understand = node
+    node_id = understand["id"]
+    errors: list[str] = []
+    console: list[str] = []
+    with frontend_page(server, errors, console, viewport={"width": 1600, "height": 1000}) as page:
+        assert page.evaluate("() => window.app.extensions.some((e) => e.name === 'ComfyUI-Janus.ShowAnswer')")
+        page.evaluate("(wf) => window.app.loadGraphData(wf, true, false)", wf)
+        assert page.evaluate(ANSWER_STATE, node_id) is None, "no answer box before the node has run"
+        page.evaluate("() => window.app.queuePrompt(0, 1)")
+        entry = _finished_entry(server, question, str(node_id))
+        assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{server.log_tail()}"
+        answers = entry["outputs"][str(node_id)]["text"]
+        assert answers and all(answers)
+        text = "\n\n".join(answers)
+        page.wait_for_function(f"() => ({ANSWER_STATE})({node_id})?.value", timeout=60_000)
+        page.wait_for_timeout(500)  # let the canvas draw the resized node
+        page.screenshot(path=str(Path(os.environ.get("JANUS_SCREENSHOT_DIR", tmp_path)) / "janus_answer.png"))
+        state = page.evaluate(ANSWER_STATE, node_id)
+        assert state["value"] == state["textarea"] == text
+        assert state["readOnly"] is True
+        x, y, w, h = state["box"]
+        width, height = state["viewport"]
+        assert w > 50 and h > 20 and 0 <= x and x + w <= width and 0 <= y and y + h <= height, state
+        assert state["onTop"], f"the answer box is covered: {state}"
+
+        # not a node input: the queued prompt (and so ComfyUI's cache key) is unchanged by the answer
+        got = page.evaluate(FRONTEND_PROMPT, page.evaluate("() => window.app.graph.serialize()"))
+        assert got["output"][str(node_id)]["inputs"] == ui_to_api(wf, server.object_info)[str(node_id)]["inputs"]
+        # saved after the node's own widget values, and shown again when the saved workflow is loaded
+        saved = next(n for n in got["saved"]["nodes"] if n["id"] == node_id)
+        assert saved["widgets_values"] == understand["widgets_values"] + [text]
+        restored = page.evaluate(ANSWER_STATE, node_id)
+        assert restored["value"] == restored["textarea"] == text and restored["readOnly"] is True
+        # a later run replaces the text in the same box; a batch's answers are separated by a blank line
+        again = page.evaluate("""(nodeId) => {
+            const node = window.app.graph.getNodeById(nodeId);
+            node.onExecuted({text: ["first answer", "second answer"]});
+            return node.widgets.filter((w) => w.name === "answer").map((w) => w.value);
+        }""", node_id)
+        assert again == ["first answer\n\nsecond answer"]
+        # a workflow without the node loads and converts as before
+        t2i = json.loads((REPO / "workflows" / "janus_pro_text_to_image.json").read_text())
+        got = page.evaluate(FRONTEND_PROMPT, t2i)
+        assert_same_prompt(server, got["output"], ui_to_api(t2i, server.object_info), "janus_pro_text_to_image.json")
+    assert not errors, errors
+    assert not [m for m in console if m.startswith("error") and ("Janus" in m or "janus" in m)], console

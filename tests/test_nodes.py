@@ -96,6 +96,8 @@ def test_pack_root_imports_as_a_package_without_comfyui():
         "mod = importlib.util.module_from_spec(spec); sys.modules['ComfyUI_Janus'] = mod\n"
         "spec.loader.exec_module(mod)\n"
         "assert len(mod.NODE_CLASS_MAPPINGS) == 7 and 'comfy' not in sys.modules\n"
+        "import os; web = os.path.join(os.path.dirname(mod.__file__), mod.WEB_DIRECTORY)\n"
+        "assert os.path.isfile(os.path.join(web, 'janus_show_text.js')), web\n"
         "assert 'transformers' not in sys.modules, 'import must stay light'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
