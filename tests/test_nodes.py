@@ -101,3 +101,18 @@ def test_pack_root_imports_as_a_package_without_comfyui():
         "assert 'transformers' not in sys.modules, 'import must stay light'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_nodes_run_under_inference_mode_like_comfyui(pro, flow):
+    """ComfyUI executes nodes inside torch.inference_mode(); every sampler must work there too."""
+    with torch.inference_mode():
+        prompt = N["DSJanusPromptEncoder"]().encode(pro, "A red cube.")[0]
+        pair = N["DSJanusCFGPair"]().build(pro, prompt, 2)[0]
+        tokens = N["DSJanusARSampler"]().sample(pro, pair, 1, 5.0, 1.0, 0, 1.0)[0]
+        assert N["DSJanusVQDecode"]().decode(pro, tokens)[0].shape == (2, 384, 384, 3)
+        flow_prompt = N["DSJanusPromptEncoder"]().encode(flow, "Sunset.")[0]
+        flow_pair = N["DSJanusCFGPair"]().build(flow, flow_prompt, 2)[0]
+        assert N["DSJanusFlowSampler"]().sample(flow, flow_pair, 0, 2, 2.0)[0]["samples"].shape == (2, 4, 48, 48)
+        image = torch.rand(2, 40, 60, 3)
+        out = N["DSJanusUnderstand"]().answer(pro, image, "Describe.", "per image", 4, 0.0, 0.95, 0)
+        assert len(out["result"][0]) == 2
