@@ -5,17 +5,37 @@ the forward pass is ours. That keeps the hot loops independent of transformers' 
 several times since the checkpoints were released) and lets the KV cache be written in place instead of
 growing by concatenation. Numerics follow transformers' Llama: RMSNorm in float32, rotate-half RoPE with
 float32 angles, SiLU-gated MLP, softmax attention with scale ``head_dim**-0.5``.
+
+Speed (docs/PERFORMANCE.md): a decode step is bound by reading the weights, so the runner
+
+* on the CPU in bfloat16 with few rows computes ``weight @ x.T`` rather than ``x @ weight.T`` (oneDNN
+  streams the weight ~25 % faster in that operand order on AVX-512 / AMX machines);
+* keeps the number of small ops per layer low: RMSNorm without a float32 copy of its input, RoPE from
+  precomputed cos / signed-sin tables, in-place residual and SwiGLU updates, no attention mask unless
+  padding needs one;
+* optionally runs one-token steps through ``torch.compile`` (``compile=True`` or ``JANUS_COMPILE=1``;
+  CUDA graphs on CUDA) with a fixed-shape step, so one compilation serves every position.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import LlamaSpec
+
+logger = logging.getLogger(__name__)
+
+# Up to this many rows, bfloat16 CPU matmuls use the ``weight @ x.T`` operand order (see module doc).
+SMALL_ROWS = 256
+COMPILE_ENV = "JANUS_COMPILE"
 
 
 @dataclass
@@ -33,12 +53,17 @@ class KVCache:
 
     @classmethod
     def allocate(cls, runner: LlamaRunner, batch: int, max_len: int, *, with_mask: bool = False) -> KVCache:
-        """Empty cache for ``runner``'s model with room for ``max_len`` positions of ``batch`` rows."""
+        """Empty cache for ``runner``'s model with room for ``max_len`` positions of ``batch`` rows.
+
+        Zero-filled when the runner compiles its decode step (that step attends over the whole capacity under a
+        mask, and unwritten garbage could be NaN); uninitialised otherwise.
+        """
         ref = runner.lm.model.embed_tokens.weight
         shape = (batch, runner.n_kv, max_len, runner.head_dim)
+        new = torch.zeros if runner.compile else torch.empty
         n = runner.n_layers
-        keys = [torch.empty(shape, dtype=ref.dtype, device=ref.device) for _ in range(n)]
-        values = [torch.empty(shape, dtype=ref.dtype, device=ref.device) for _ in range(n)]
+        keys = [new(shape, dtype=ref.dtype, device=ref.device) for _ in range(n)]
+        values = [new(shape, dtype=ref.dtype, device=ref.device) for _ in range(n)]
         valid = torch.zeros(batch, max_len, dtype=torch.bool, device=ref.device) if with_mask else None
         return cls(keys, values, 0, valid)
 
@@ -66,45 +91,130 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalise in float32, cast back, then scale."""
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    """transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
+
+    The float32 statistics come from one reduction over ``x``; the normalised value is computed in float32
+    and rounded once into a tensor of ``x``'s dtype, so no float32 copy of ``x`` is allocated.
+    """
+    inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    inv = inv.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    return torch.mul(x, inv, out=torch.empty_like(x)).mul_(weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` times ``weight [N, K]`` transposed -> ``[..., N]`` (no bias).
+
+    The few-rows CPU bfloat16 path returns a transposed (non-contiguous) result: making it contiguous costs
+    more than the consumers' strided reads.
+    """
+    rows = x.numel() // x.shape[-1]
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and rows <= SMALL_ROWS:
+        return (weight @ x.reshape(rows, -1).t()).t().view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
 
 
 class RotaryTable:
-    """cos/sin tables ``[max_pos, head_dim]`` (float32 angles, stored in the model dtype)."""
+    """cos / signed-sin tables ``[max_pos, head_dim]`` (float32 angles, stored in the model dtype).
+
+    ``sin`` has its first half negated, so rotate-half RoPE is ``x * cos + swap_halves(x) * sin``
+    (bit-identical to ``x * cos + cat(-x2, x1) * sin``).
+    """
 
     def __init__(self, head_dim: int, theta: float, max_pos: int, dtype: torch.dtype, device: torch.device):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
         pos = torch.arange(max_pos, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
+        self.cos = torch.cat([freqs, freqs], dim=-1).cos().to(dtype)
+        self.sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(dtype)
+
+    @property
+    def size(self) -> int:
+        return self.cos.shape[0]
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions ``[T]`` or ``[B, T]`` -> cos, sin broadcastable to ``[B, heads, T, head_dim]``."""
+        """positions ``[T]`` or ``[B, T]`` -> cos, sin broadcastable to ``[B, T, heads, head_dim]``."""
         cos, sin = self.cos[positions], self.sin[positions]
         if positions.dim() == 1:
-            return cos[None, None], sin[None, None]
-        return cos[:, None], sin[:, None]
+            return cos[None, :, None], sin[None, :, None]
+        return cos[:, :, None], sin[:, :, None]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of ``x [B, T, heads, head_dim]`` (any strides) with :class:`RotaryTable` tables.
+
+    Returns a contiguous tensor (the attention kernels want a unit-stride last dim).
+    """
     half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    out = torch.mul(x, cos, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return out.add_(swapped.mul_(sin))
+
+
+class LayerWeights(NamedTuple):
+    """The weights of one transformers ``LlamaDecoderLayer`` (``[out, in]`` matrices, norm scales)."""
+
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> LayerWeights:
+        a, m = layer.self_attn, layer.mlp
+        return cls(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                   a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
+                   m.down_proj.weight)
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def decoder_layer(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                  head_dim: int, attend: Attend) -> torch.Tensor:
+    """One Llama layer on ``x [B, T, hidden]`` (``x`` itself is not modified).
+
+    ``attend(q, k, v)`` gets ``[B, heads | kv_heads, T, head_dim]`` tensors, stores k / v in the cache and
+    returns the attention output ``[B, heads, T, head_dim]``.
+    """
+    bsz, t, _ = x.shape
+    h = rms_norm(x, w.input_norm, eps)
+    q = apply_rope(linear(h, w.q).view(bsz, t, -1, head_dim), cos, sin)
+    k = apply_rope(linear(h, w.k).view(bsz, t, -1, head_dim), cos, sin)
+    v = linear(h, w.v).view(bsz, t, -1, head_dim)
+    o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    x = x + linear(o.transpose(1, 2).reshape(bsz, t, -1), w.o)
+    h = rms_norm(x, w.post_norm, eps)
+    return x.add_(linear(F.silu(linear(h, w.gate), inplace=True).mul_(linear(h, w.up)), w.down))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          causal: bool) -> torch.Tensor:
+    """Softmax attention; k / v with fewer heads than q (GQA) are repeated to match."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def _env_compile() -> bool:
+    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class LlamaRunner:
     """Runs a transformers ``LlamaForCausalLM``'s decoder stack over a :class:`KVCache`.
 
     ``forward(embeds, cache)`` appends ``T`` positions and returns the final-norm hidden states
-    ``[B, T, hidden]``; logits (when wanted) come from :meth:`lm_logits`.
+    ``[B, T, hidden]``; logits (when wanted) come from :meth:`lm_logits`. ``compile`` (default: the
+    ``JANUS_COMPILE`` environment variable) runs one-token steps through ``torch.compile``; if compiling
+    fails, the runner logs why and stays eager.
     """
 
-    def __init__(self, lm: nn.Module, spec: LlamaSpec):
+    def __init__(self, lm: nn.Module, spec: LlamaSpec, *, compile: bool | None = None):
         self.lm = lm
         self.n_layers = spec.num_hidden_layers
         self.n_heads = spec.num_attention_heads
@@ -112,17 +222,17 @@ class LlamaRunner:
         self.head_dim = spec.head_dim
         self.eps = spec.rms_norm_eps
         self.theta = spec.rope_theta
+        self.compile = _env_compile() if compile is None else bool(compile)
         self._rope: RotaryTable | None = None
-        self._rope_key: tuple | None = None
+        self._step: Callable[..., torch.Tensor] | None = None
 
     def rope(self, max_pos: int) -> RotaryTable:
+        """RoPE tables covering positions ``[0, max(max_pos, 4096))`` in the model's dtype and device."""
         w = self.lm.model.embed_tokens.weight
-        key = (w.dtype, w.device)
-        if self._rope is None or self._rope_key != key or self._rope.cos.shape[0] < max_pos:
-            size = max(max_pos, 4096)
-            self._rope = RotaryTable(self.head_dim, self.theta, size, w.dtype, w.device)
-            self._rope_key = key
-        return self._rope
+        table = self._rope
+        if table is None or table.cos.dtype != w.dtype or table.cos.device != w.device or table.size < max_pos:
+            table = self._rope = RotaryTable(self.head_dim, self.theta, max(max_pos, 4096), w.dtype, w.device)
+        return table
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Text token ids ``[B, T]`` -> embeddings ``[B, T, hidden]``."""
@@ -130,16 +240,17 @@ class LlamaRunner:
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden ``[..., hidden]`` -> text logits ``[..., vocab]``."""
-        return self.lm.lm_head(hidden)
+        return linear(hidden, self.lm.lm_head.weight)
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
                 new_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Append ``embeds [B, T, hidden]`` to ``cache`` and return final-norm hidden ``[B, T, hidden]``.
 
-        ``positions`` (``[T]`` or ``[B, T]``, default ``cache.length + arange(T)``) are the RoPE positions.
-        ``new_valid`` (bool ``[B, T]``) marks which new positions later tokens may attend; it needs a
-        cache allocated ``with_mask=True``. Attention is causal within the new block.
+        ``positions`` (``[T]`` or ``[B, T]``, default ``cache.length + arange(T)``; each below
+        ``max(cache.capacity, 4096)``) are the RoPE positions. ``new_valid`` (bool ``[B, T]``) marks which new
+        positions later tokens may attend; it needs a cache allocated ``with_mask=True``. Attention is causal
+        within the new block.
         """
         bsz, t, _ = embeds.shape
         start = cache.length
@@ -148,56 +259,86 @@ class LlamaRunner:
             raise ValueError(f"KV cache holds {cache.capacity} positions, {end} needed")
         if cache.batch != bsz:
             raise ValueError(f"KV cache batch {cache.batch} != input batch {bsz}")
-        device = embeds.device
+        if new_valid is not None and cache.valid is None:
+            raise ValueError("new_valid needs a cache allocated with_mask=True")
         if positions is None:
-            positions = torch.arange(start, end, device=device)
-        cos, sin = self.rope(int(positions.max()) + 1)(positions)
-        mask = self._attention_mask(cache, start, end, t, new_valid, device)
-        x = embeds
-        for i, layer in enumerate(self.lm.model.layers):
-            attn = layer.self_attn
-            h = rms_norm(x, layer.input_layernorm.weight, self.eps)
-            q = attn.q_proj(h).view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            cache.keys[i][:, :, start:end] = k
-            cache.values[i][:, :, start:end] = v
-            keys = cache.keys[i][:, :, :end]
-            values = cache.values[i][:, :, :end]
-            if self.n_kv != self.n_heads:
-                rep = self.n_heads // self.n_kv
-                keys = keys.repeat_interleave(rep, dim=1)
-                values = values.repeat_interleave(rep, dim=1)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1
-                                               and start == 0)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, t, -1))
-            h = rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
-            mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            positions = torch.arange(start, end, device=embeds.device)
+        cos, sin = self.rope(cache.capacity)(positions)
+        x = None
+        if t == 1 and new_valid is None and self.compile:
+            x = self._compiled_step(embeds, cache, cos, sin)
+        if x is None:
+            mask = self._attention_mask(cache, start, end, new_valid)
+            causal = mask is None and t > 1
+            x = embeds
+            for i, layer in enumerate(self.lm.model.layers):
+                def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i) -> torch.Tensor:
+                    keys, values = cache.keys[i], cache.values[i]
+                    keys[:, :, start:end] = k
+                    values[:, :, start:end] = v
+                    return _sdpa(q, keys[:, :, :end], values[:, :, :end], mask, causal)
+
+                x = decoder_layer(x, LayerWeights.of(layer), cos, sin, self.eps, self.head_dim, attend)
         cache.length = end
         return rms_norm(x, self.lm.model.norm.weight, self.eps)
 
     @staticmethod
-    def _attention_mask(cache: KVCache, start: int, end: int, t: int, new_valid: torch.Tensor | None,
-                        device: torch.device) -> torch.Tensor | None:
-        """Boolean ``[B or 1, 1, T, end]`` mask (True = attend), or None when plain causal/full suffices."""
+    def _attention_mask(cache: KVCache, start: int, end: int, new_valid: torch.Tensor | None
+                        ) -> torch.Tensor | None:
+        """Boolean ``[B or 1, 1, T, end]`` mask (True = attend), or None when plain causal / full suffices."""
+        t = end - start
+        device = cache.keys[0].device
         if cache.valid is None:
-            if new_valid is not None:
-                raise ValueError("new_valid needs a cache allocated with_mask=True")
             if t == 1 or start == 0:
                 return None
-            causal = torch.ones(t, end, dtype=torch.bool, device=device).tril(start)
-            return causal[None, None]
-        if new_valid is None:
-            cache.valid[:, start:end] = True
-        else:
-            cache.valid[:, start:end] = new_valid
-        keys_ok = cache.valid[:, :end][:, None, None, :]  # [B,1,1,end]
+            return torch.ones(t, end, dtype=torch.bool, device=device).tril(start)[None, None]
+        cache.valid[:, start:end] = True if new_valid is None else new_valid
+        keys_ok = cache.valid[:, None, None, :end]  # [B, 1, 1, end]
+        if t == 1 and new_valid is None:
+            return keys_ok
         causal = torch.ones(t, end, dtype=torch.bool, device=device).tril(start)[None, None]
-        mask = keys_ok & causal
         # A query whose every key is masked (a left-pad position) would give NaN; let it see itself.
         diag = torch.zeros(t, end, dtype=torch.bool, device=device)
         diag[torch.arange(t), torch.arange(start, end)] = True
-        return mask | diag[None, None]
+        return (keys_ok & causal) | diag[None, None]
+
+    def _compiled_step(self, embeds: torch.Tensor, cache: KVCache, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor | None:
+        """One-token step through the compiled function (None if compiling failed: the caller runs eagerly).
+
+        Shapes are fixed for a given cache (attention covers the whole capacity under a mask), so one
+        compilation serves every position and CUDA graphs can replay it.
+        """
+        start = cache.length
+        device = embeds.device
+        written = torch.arange(cache.capacity, device=device) <= start
+        if cache.valid is not None:
+            cache.valid[:, start] = True
+            written = written & cache.valid
+        mask = written.view(-1, 1, 1, cache.capacity)
+        pos = torch.full((1,), start, dtype=torch.long, device=device)
+        if self._step is None:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._step = torch.compile(self._static_step, mode=mode, fullgraph=True)
+        try:
+            return self._step(embeds, cache.keys, cache.values, cos, sin, pos, mask)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager, loudly
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            logger.warning("torch.compile of the decode step failed, running eagerly instead (%s: %s). On the CPU "
+                           "it needs a working C++ compiler; unset %s to skip compiling.", type(exc).__name__,
+                           first_line, COMPILE_ENV)
+            self.compile = False
+            self._step = None
+            return None
+
+    def _static_step(self, x: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                     cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The decode step ``torch.compile`` traces: k / v written at ``pos``, attention over every position."""
+        for i, layer in enumerate(self.lm.model.layers):
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i) -> torch.Tensor:
+                keys[i].index_copy_(2, pos, k)
+                values[i].index_copy_(2, pos, v)
+                return _sdpa(q, keys[i], values[i], mask, False)
+
+            x = decoder_layer(x, LayerWeights.of(layer), cos, sin, self.eps, self.head_dim, attend)
+        return x
