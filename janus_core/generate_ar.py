@@ -20,29 +20,17 @@ from .errors import JanusError
 from .images import images_from_decoded
 from .llm import KVCache
 from .model import JanusModel
-from .processor import generation_prompt
+from .prompts import IMAGE_TOKENS, PromptTokens, check_same_model, encode_prompt, model_key
 from .sampling import cfg_mix, check_sampling_args, row_generators, sample_next
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKENS = 576
 TOKEN_GRID = (24, 24)
 
 TokenCallback = Callable[[int, int, torch.Tensor], None]
 
 
-@dataclass(frozen=True)
-class PromptTokens:
-    """A templated generation prompt: ``ids [L]`` (BOS ... ``<begin_of_image>``) for one model."""
-
-    text: str
-    prompt_string: str
-    ids: torch.Tensor
-    variant: str
-    model_folder: str
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CFGPair:
     """Conditional and unconditional prompt rows for ``batch_size`` images.
 
@@ -57,32 +45,8 @@ class CFGPair:
     negative_prompt: str | None = None
 
 
-def _model_key(model: JanusModel) -> str:
-    return str(model.folder)
-
-
-def encode_prompt(model: JanusModel, text: str) -> PromptTokens:
-    """Template ``text`` for text-to-image with the model's roles and tokenise it."""
-    if not isinstance(text, str):
-        raise JanusError(f"Expected the prompt as text, a PromptTokens or a CFGPair, got {type(text).__name__} "
-                         "(a FlowCFG belongs to a JanusFlow model and its flow sampler).")
-    if not text.strip():
-        raise JanusError("The prompt is empty; describe the image you want.")
-    prompt_string = generation_prompt(model.variant, text)
-    ids = torch.tensor(model.tokenizer.encode(prompt_string), dtype=torch.long)
-    limit = model.config.llm.max_position_embeddings - IMAGE_TOKENS
-    if ids.numel() > limit:
-        raise JanusError(f"The prompt is {ids.numel()} tokens long; at most {limit} fit before the 576 image "
-                         "tokens. Shorten it.")
-    return PromptTokens(text, prompt_string, ids, model.variant, _model_key(model))
-
-
 def _check_prompt_model(model: JanusModel, prompt: PromptTokens | CFGPair, what: str) -> None:
-    if prompt.model_folder != _model_key(model) or prompt.variant != model.variant:
-        raise JanusError(
-            f"This {what} was built for another model ({prompt.variant} from {prompt.model_folder}); rebuild it "
-            f"with the model you sample with ({model.variant} from {model.folder})."
-        )
+    check_same_model(model, prompt.variant, prompt.model_folder, what)
 
 
 def build_cfg_pair(model: JanusModel, prompt: str | PromptTokens, batch_size: int = 1,
@@ -99,11 +63,12 @@ def build_cfg_pair(model: JanusModel, prompt: str | PromptTokens, batch_size: in
         uncond_ids = cond.ids.clone()
         uncond_ids[1:-1] = model.tokenizer.pad_id
     else:
-        neg = negative_prompt if isinstance(negative_prompt, PromptTokens) else encode_prompt(model, negative_prompt)
+        neg = (negative_prompt if isinstance(negative_prompt, PromptTokens)
+               else encode_prompt(model, negative_prompt, "negative prompt"))
         _check_prompt_model(model, neg, "negative prompt")
         uncond_ids = neg.ids
         negative_text = neg.text
-    return CFGPair(cond.ids, uncond_ids, int(batch_size), model.variant, _model_key(model), negative_text)
+    return CFGPair(cond.ids, uncond_ids, int(batch_size), model.variant, model_key(model), negative_text)
 
 
 def _require_ar(model: JanusModel) -> None:

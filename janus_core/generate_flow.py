@@ -29,14 +29,13 @@ import torch
 from .errors import JanusError
 from .llm import KVCache
 from .model import JanusModel
-from .processor import generation_prompt
+from .prompts import IMAGE_TOKENS, check_same_model, encode_prompt, model_key
 from .sampling import row_generators
 
 logger = logging.getLogger(__name__)
 
 SDXL_VAE_SCALING = 0.13025
 LATENT_SIZE = 48  # 384 px / 8 (SDXL-VAE downsampling)
-IMAGE_TOKENS = 576  # 24 x 24 latent patches fed to the LLM
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -89,27 +88,12 @@ class FlowStep:
     z: torch.Tensor
 
 
-def _model_key(model: JanusModel) -> str:
-    return str(model.folder)
-
-
 def _require_flow(model: JanusModel) -> None:
     if not model.is_flow:
         raise JanusError(
             f"This is a {model.variant} model (autoregressive VQ tokens); the flow sampler needs a JanusFlow "
             "checkpoint such as JanusFlow-1.3B. Use the AR token sampler (generate_image_tokens) instead."
         )
-
-
-def _prompt_ids(model: JanusModel, text: str, what: str) -> list[int]:
-    if not isinstance(text, str) or not text.strip():
-        raise JanusError(f"The {what} is empty; describe the image you want.")
-    ids = model.tokenizer.encode(generation_prompt(model.variant, text))
-    limit = model.config.llm.max_position_embeddings - IMAGE_TOKENS
-    if len(ids) > limit:
-        raise JanusError(f"The {what} is {len(ids)} tokens long; at most {limit} fit before the time "
-                         f"embedding and the {IMAGE_TOKENS} image tokens. Shorten it.")
-    return ids
 
 
 def build_flow_cfg(model: JanusModel, prompt: str, batch_size: int = 1,
@@ -124,14 +108,14 @@ def build_flow_cfg(model: JanusModel, prompt: str, batch_size: int = 1,
     if int(batch_size) < 1:
         raise JanusError(f"batch_size must be >= 1, got {batch_size}.")
     b = int(batch_size)
-    cond = _prompt_ids(model, prompt, "prompt")
+    cond = encode_prompt(model, prompt).ids.tolist()
     pad = model.tokenizer.pad_id
     if negative_prompt is None or not negative_prompt.strip():
         negative_prompt = None
         uncond = [cond[0]] + [pad] * (len(cond) - 1)
         uncond_valid = [True] + [False] * (len(cond) - 1)
     else:
-        uncond = _prompt_ids(model, negative_prompt, "negative prompt")
+        uncond = encode_prompt(model, negative_prompt, "negative prompt").ids.tolist()
         uncond_valid = [True] * len(uncond)
     length = max(len(cond), len(uncond))
     rows = torch.full((2, length), pad, dtype=torch.long)
@@ -142,7 +126,7 @@ def build_flow_cfg(model: JanusModel, prompt: str, batch_size: int = 1,
     order = torch.tensor([0, 1]).repeat_interleave(b)
     return FlowCFG(
         input_ids=torch.tensor(cond, dtype=torch.long), rows=rows[order], valid=valid[order, :-1],
-        batch_size=b, variant=model.variant, model_folder=_model_key(model), prompt=prompt,
+        batch_size=b, variant=model.variant, model_folder=model_key(model), prompt=prompt,
         negative_prompt=negative_prompt,
     )
 
@@ -151,11 +135,7 @@ def _check_pair(model: JanusModel, pair: FlowCFG) -> None:
     if not isinstance(pair, FlowCFG):
         raise JanusError(f"Expected a JanusFlow CFG pair (FlowCFG), got {type(pair).__name__}; build it with "
                          "build_flow_cfg (the AR CFG pair does not work with the flow sampler).")
-    if pair.model_folder != _model_key(model) or pair.variant != model.variant:
-        raise JanusError(
-            f"This CFG pair was built for another model ({pair.variant} from {pair.model_folder}); rebuild "
-            f"it with the model you sample with ({model.variant} from {model.folder})."
-        )
+    check_same_model(model, pair.variant, pair.model_folder, "CFG pair")
     limit = model.config.llm.max_position_embeddings
     if pair.prompt_len + 1 + IMAGE_TOKENS > limit:
         raise JanusError(f"The prompt ({pair.prompt_len} tokens) plus {1 + IMAGE_TOKENS} image positions "
