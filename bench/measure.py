@@ -39,7 +39,7 @@ def _own_seconds() -> float:
 
 @dataclass
 class StepClock:
-    """Marks taken after every step; ``durations()`` / ``clean()`` give per-step seconds."""
+    """Marks taken after every step (wall clock, machine busy time, own CPU time); see :meth:`steps`."""
 
     marks: list[tuple[float, float, float]] = field(default_factory=list)
 
@@ -57,9 +57,6 @@ class StepClock:
             out.append((wall, max((b1 - b0) - (o1 - o0), 0.0) / max(wall, 1e-9)))
         return out
 
-    def clean_count(self) -> int:
-        return sum(1 for _, other in self.steps() if other < QUIET_SHARE)
-
 
 @dataclass(frozen=True)
 class Timing:
@@ -69,14 +66,10 @@ class Timing:
     clean: int
     total: int
 
-    @property
-    def noisy(self) -> bool:
-        return self.clean < max(3, self.total // 4)
 
-
-def summarize(clocks: Sequence[StepClock], skip: int = 0) -> Timing:
-    """Median step time over ``clocks`` (each run's first ``skip`` steps dropped), clean steps preferred."""
-    steps = [s for c in clocks for s in c.steps()[skip:]]
+def summarize(clocks: Sequence[StepClock]) -> Timing:
+    """Median step time over ``clocks``: over their clean steps, or over all when fewer than a quarter are."""
+    steps = [s for c in clocks for s in c.steps()]
     if not steps:
         raise ValueError("no steps were timed")
     clean = [wall for wall, other in steps if other < QUIET_SHARE]

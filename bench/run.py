@@ -52,6 +52,8 @@ def bench_ar(args: argparse.Namespace, bandwidth: float) -> None:
     for dtype_name in args.dtypes:
         model = random_model(args.model, DTYPES[dtype_name], args.layers)
         w = weight_bytes_per_step(model)
+        wait_quiet()
+        bandwidth = max(bandwidth, memory_bandwidth(2.0)["read"])  # a busy neighbour only lowers the probe
         for parallel in args.parallel:
             ours, ref, prompt_len = run_ar(model, parallel, args.steps, args.repeats)
             _, floor = floor_seconds(model, parallel, prompt_len, bandwidth)
