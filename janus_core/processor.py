@@ -79,8 +79,6 @@ class JanusTokenizer:
             ids = ids.tolist()
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
 
 
 def format_prompt(variant: str, user_message: str, system_prompt: str = "") -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from janus_core.errors import JanusError
-from janus_core.generate_ar import IMAGE_TOKENS
 from janus_core.generate_flow import FlowCFG, generate_flow_latents, latent_to_sdxl_vae
+from janus_core.prompts import IMAGE_TOKENS
 
 from . import comfy_services as comfy
 from .loader import JanusModelHandle, kv_cache_bytes

@@ -9,18 +9,10 @@ import torch
 from PIL import Image
 
 from janus_core.errors import JanusError
-from janus_core.generate_ar import (
-    IMAGE_TOKENS,
-    TOKEN_GRID,
-    CFGPair,
-    PromptTokens,
-    build_cfg_pair,
-    decode_image_tokens,
-    encode_prompt,
-    generate_image_tokens,
-)
+from janus_core.generate_ar import TOKEN_GRID, CFGPair, build_cfg_pair, decode_image_tokens, generate_image_tokens
 from janus_core.generate_flow import build_flow_cfg
 from janus_core.images import images_from_decoded
+from janus_core.prompts import IMAGE_TOKENS, PromptTokens, encode_prompt
 
 from . import comfy_services as comfy
 from .loader import JanusModelHandle, kv_cache_bytes
