@@ -2,19 +2,30 @@
 
 Supported layouts, in order of preference: ``model.safetensors.index.json`` (sharded safetensors),
 ``model.safetensors``, ``pytorch_model.bin.index.json`` (sharded pickles) and ``pytorch_model.bin``.
-Pickles are read with ``torch.load(weights_only=True, mmap=True)``: a file that needs more than plain
-tensors is refused. Tensors are handed out one at a time so a caller can convert each to its final
-dtype and device before the next is read (no second full copy of the model in memory).
+
+safetensors files are parsed here (8-byte little-endian header length, JSON header) and each tensor is
+read with plain file I/O (``seek`` + ``readinto``) into a fresh CPU tensor that the caller owns: no
+memory map, so no page of the file stays resident behind the caller's back. Tensors are read one at a
+time in file order, so a caller that converts or copies each tensor before taking the next holds about
+one copy of the weights.
+
+Pickles are read with ``torch.load(weights_only=True, mmap=False)``: a file that needs more than plain
+tensors is refused. torch's format has no per-tensor reads, so each pickle file is read whole; its
+tensors are then handed out one at a time and dropped from the loaded dict as they go.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import struct
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -62,39 +73,146 @@ def weight_files(folder: str | Path) -> list[Path]:
     )
 
 
-def _check_safetensors_complete(path: Path) -> None:
-    """Raise if the file is shorter than its header says (an interrupted download)."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is truncated ({size} bytes); re-download it.")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file; re-download it.")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path} has a corrupt header ({exc}); re-download it.") from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
+def _dtype_table() -> dict[str, torch.dtype]:
+    """safetensors dtype names -> torch dtypes (float8 only where this torch has it)."""
+    table = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+    }
+    for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+        if hasattr(torch, attr):
+            table[name] = getattr(torch, attr)
+    return table
+
+
+SAFETENSORS_DTYPES = _dtype_table()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a safetensors file: where its bytes are (absolute file offsets) and how to view them."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} has a corrupt header ({why}); re-download it.")
+
+
+def _parse_entry(path: Path, name: str, info: object, data_start: int) -> _Entry:
+    """Validate one header entry and turn its relative ``data_offsets`` into absolute file offsets."""
+    if not isinstance(info, dict):
+        raise _corrupt(path, f"entry '{name}' is not an object")
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise _corrupt(path, f"tensor '{name}' has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise _corrupt(path, f"tensor '{name}' has invalid data_offsets {offsets!r}")
+    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
         raise CheckpointError(
-            f"{path} is truncated: {size} bytes on disk, {8 + header_len + end} expected. Re-download it."
+            f"{path}: tensor '{name}' has dtype {dtype_name!r}, which is not supported "
+            f"(supported: {', '.join(SAFETENSORS_DTYPES)})."
         )
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = numel * dtype.itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise CheckpointError(
+            f"{path} is corrupt: tensor '{name}' ({dtype_name} {shape}) needs {expected} bytes but its "
+            f"data_offsets {offsets} span {offsets[1] - offsets[0]}. Re-download it."
+        )
+    return _Entry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+def _read_safetensors_header(path: Path, fh: BinaryIO) -> list[_Entry]:
+    """Parse the header of the open safetensors file ``fh``; entries sorted by file offset.
 
-    _check_safetensors_complete(path)
-    with safe_open(str(path), framework="pt", device="cpu") as fh:
-        for name in fh.keys():
-            yield name, fh.get_tensor(name)
-
-
-def _iter_pickle(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    Raises if the header is corrupt or the file is shorter than its header says (an interrupted download).
+    """
+    size = os.fstat(fh.fileno()).st_size
+    head = fh.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path} is truncated ({size} bytes); re-download it.")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > size - 8:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file; re-download it.")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        header = json.loads(fh.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, str(exc)) from exc
+    if not isinstance(header, dict):
+        raise _corrupt(path, f"expected a JSON object, found {type(header).__name__}")
+    data_start = 8 + header_len
+    entries = sorted(
+        (_parse_entry(path, name, info, data_start) for name, info in header.items() if name != "__metadata__"),
+        key=lambda e: (e.start, e.end),
+    )
+    for prev, cur in zip(entries, entries[1:], strict=False):
+        if cur.start < prev.end:
+            raise _corrupt(path, f"the data of tensors '{prev.name}' and '{cur.name}' overlap")
+    end = max((e.end for e in entries), default=data_start)
+    if end > size:
+        raise CheckpointError(f"{path} is truncated: {size} bytes on disk, {end} expected. Re-download it.")
+    return entries
+
+
+def _read_tensor(path: Path, fh: BinaryIO, entry: _Entry, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes with ``seek`` + ``readinto`` straight into ``out`` or a fresh CPU tensor.
+
+    ``out`` is used only if it is a contiguous CPU tensor of the entry's shape and dtype.
+    """
+    usable = (out is not None and out.device.type == "cpu" and out.dtype == entry.dtype
+              and tuple(out.shape) == entry.shape and out.is_contiguous())
+    tensor = out if usable else torch.empty(entry.shape, dtype=entry.dtype)
+    nbytes = entry.end - entry.start
+    if nbytes == 0:
+        return tensor
+    # reshape(-1) is a view of the contiguous tensor (and works for 0-dim ones); its uint8 view's
+    # numpy array is a writable buffer over the tensor's own memory, whatever the dtype (bf16 included).
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    fh.seek(entry.start)
+    done = 0
+    while done < nbytes:
+        n = fh.readinto(view[done:])
+        if not n:
+            raise CheckpointError(
+                f"{path} is truncated: tensor '{entry.name}' ends at byte {entry.end} but the file ended "
+                f"at byte {entry.start + done}. Re-download it."
+            )
+        done += n
+    return tensor
+
+
+Destination = Callable[[str], torch.Tensor | None]
+
+
+def _iter_safetensors(path: Path, destination: Destination | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a safetensors file in file-offset order, each read into a fresh tensor (no memory map)
+    or into ``destination(name)`` when that returns a matching tensor."""
+    if sys.byteorder != "little":
+        raise CheckpointError(
+            f"Cannot read {path}: safetensors files are little-endian and this machine is {sys.byteorder}-endian."
+        )
+    with path.open("rb") as fh:
+        for entry in _read_safetensors_header(path, fh):
+            yield entry.name, _read_tensor(path, fh, entry, destination(entry.name) if destination else None)
+
+
+def _iter_pickle(path: Path, destination: Destination | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a ``torch.save`` state dict, read whole, then popped and handed out one at a time.
+
+    ``destination`` is not used: the format cannot be read into given memory.
+    """
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} contains more than plain tensors and is refused for safety (weights_only loading "
@@ -104,15 +222,24 @@ def _iter_pickle(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise CheckpointError(f"{path} could not be read ({exc}); it may be truncated. Re-download it.") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__}).")
-    for name, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"{path}: entry '{name}' is a {type(tensor).__name__}, not a tensor.")
-        yield name, tensor
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry '{name}' is a {type(value).__name__}, not a tensor.")
+    # Pop each tensor before yielding it: once the caller drops it, nothing here keeps it alive.
+    for name in list(state):
+        yield name, state.pop(name)
 
 
-def iter_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for every stored tensor of the checkpoint in ``folder`` (CPU, stored dtype)."""
+def iter_checkpoint(folder: str | Path, destination: Destination | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every stored tensor of the checkpoint in ``folder`` (CPU, stored dtype).
+
+    ``destination(name)`` may return the tensor that should receive ``name``'s values (e.g. a slice of a
+    joined buffer); safetensors data is then read straight into it when its shape, dtype (the stored one)
+    and layout match, and that tensor is yielded. Otherwise, and for pickles, a fresh tensor is yielded and
+    the caller copies.
+    """
     for path in weight_files(folder):
         logger.info("reading %s", path)
         reader = _iter_safetensors if path.suffix == ".safetensors" else _iter_pickle
-        yield from reader(path)
+        yield from reader(path, destination)
