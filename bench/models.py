@@ -83,4 +83,6 @@ def random_model(name: str, dtype: torch.dtype, layers: int | None = None, seed:
     _materialize_rope_buffers(net, config, torch.device("cpu"))
     net.eval().requires_grad_(False)
     folder = fixture_folder(name)
-    return JanusModel(net, config, JanusTokenizer(folder), ImagePreprocessor.from_folder(folder), folder, dtype)
+    model = JanusModel(net, config, JanusTokenizer(folder), ImagePreprocessor.from_folder(folder), folder, dtype)
+    model.pack_projections()  # as load_model does
+    return model

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -37,18 +37,49 @@ SMALL_ROWS = 256
 COMPILE_ENV = "JANUS_COMPILE"
 
 
+class Scratch:
+    """Work buffers reused by every forward over one :class:`KVCache` (the shapes repeat from step to step).
+
+    A JanusFlow step moves ~100 MB of activations per layer; fresh allocations of that size are new memory
+    mappings that page-fault on first write (more time than the elementwise work itself on a CPU). Buffers
+    live as long as their cache, i.e. one generation.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
+            ) -> torch.Tensor:
+        """An uninitialised ``shape`` buffer named ``name`` on ``like``'s device (``dtype`` default: ``like``'s)."""
+        dtype = dtype or like.dtype
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=like.device)
+        return buf
+
+
+def _empty(scratch: Scratch | None, name: str, shape: tuple[int, ...], like: torch.Tensor,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``scratch``'s buffer ``name``, or a fresh tensor when there is no scratch (compiled, functional code)."""
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    return scratch.get(name, shape, like, dtype)
+
+
 @dataclass
 class KVCache:
     """Per-layer keys and values, preallocated: ``keys[i]`` / ``values[i]`` are ``[B, kv_heads, max_len, head_dim]``.
 
     ``length`` is the number of positions written so far; ``valid`` (optional, bool ``[B, max_len]``)
-    marks positions that may be attended (False for left padding or a masked-out prompt part).
+    marks positions that may be attended (False for left padding or a masked-out prompt part). ``scratch``
+    holds the forward passes' work buffers.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     length: int = 0
     valid: torch.Tensor | None = None
+    scratch: Scratch = field(default_factory=Scratch, repr=False)
 
     @classmethod
     def allocate(cls, runner: LlamaRunner, batch: int, max_len: int, *, with_mask: bool = False) -> KVCache:
@@ -89,27 +120,39 @@ class KVCache:
         other.length = max(other.length, n)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scratch: Scratch | None = None,
+             name: str = "norm") -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
 
-    The float32 statistics come from one reduction over ``x``; the normalised value is computed in float32
-    and rounded once, straight into a tensor of ``x``'s dtype (3 ops instead of the textbook 8).
+    The float32 statistics come from one reduction over a float32 copy of ``x``; the normalised value is
+    rounded once, straight into a tensor of ``x``'s dtype (bit-identical to the textbook formula). With a
+    ``scratch`` the float32 copy and the result are its buffers (``name``).
     """
-    inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    if x.dtype == torch.float32:
+        x32 = x
+    else:
+        x32 = _empty(scratch, "norm_f32", tuple(x.shape), x, torch.float32)
+        x32.copy_(x)
+    inv = torch.linalg.vector_norm(x32, dim=-1, keepdim=True)
     inv = inv.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    return torch.mul(x, inv, out=torch.empty_like(x)).mul_(weight)
+    return torch.mul(x32, inv, out=_empty(scratch, name, tuple(x.shape), x)).mul_(weight)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [..., K]`` times ``weight [N, K]`` transposed -> ``[..., N]`` (no bias).
+def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None, name: str = "linear"
+           ) -> torch.Tensor:
+    """``x [..., K]`` times ``weight [N, K]`` transposed -> ``[..., N]`` (no bias); into ``scratch[name]`` if given.
 
     The few-rows CPU bfloat16 path returns a transposed (non-contiguous) result: making it contiguous costs
     more than the consumers' strided reads.
     """
     rows = x.numel() // x.shape[-1]
+    n = weight.shape[0]
+    x2d = x.reshape(rows, x.shape[-1])
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and rows <= SMALL_ROWS:
-        return (weight @ x.reshape(rows, -1).t()).t().view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
+        out = torch.mm(weight, x2d.t(), out=_empty(scratch, name, (n, rows), x)).t()
+    else:
+        out = torch.mm(x2d, weight.t(), out=_empty(scratch, name, (rows, n), x))
+    return out.view(*x.shape[:-1], n)
 
 
 class RotaryTable:
@@ -138,19 +181,90 @@ class RotaryTable:
         return cos[:, :, None], sin[:, :, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scratch: Scratch | None = None,
+               name: str = "rope") -> torch.Tensor:
     """Rotate-half RoPE of ``x [B, T, heads, head_dim]`` (any strides) with :class:`RotaryTable` tables.
 
-    Returns a contiguous tensor (the attention kernels want a unit-stride last dim).
+    Returns a contiguous tensor (the attention kernels want a unit-stride last dim); ``scratch[name]`` if given.
     """
     half = x.shape[-1] // 2
-    out = torch.mul(x, cos, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    out = torch.mul(x, cos, out=_empty(scratch, name, tuple(x.shape), x))
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1, out=_empty(scratch, "rope_swap", tuple(x.shape), x))
     return out.add_(swapped.mul_(sin))
 
 
+# Projections of one decoder layer that read the same input; :func:`pack_projections` stores each group back to
+# back in one buffer so a decode step streams them with one matmul instead of three (two).
+PACKED_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def joined_weight(parts: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """``[sum(out_i), in]`` view over ``parts`` (``[out_i, in]`` matrices) if they lie back to back in one buffer.
+
+    No copy: the result shares their memory. None when they do not (e.g. after a device move re-allocated each
+    parameter), in which case callers run one matmul per part.
+    """
+    first = parts[0]
+    offset = first.storage_offset()
+    base = first.untyped_storage().data_ptr()
+    for p in parts:
+        if (p.dim() != 2 or p.shape[1] != first.shape[1] or p.dtype != first.dtype or not p.is_contiguous()
+                or p.storage_offset() != offset or p.untyped_storage().data_ptr() != base):
+            return None
+        offset += p.numel()
+    rows = sum(p.shape[0] for p in parts)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1), first.storage_offset())
+
+
+def pack_projections(lm: nn.Module) -> int:
+    """Store each layer's q/k/v and gate/up weights back to back in one buffer (parameters become views).
+
+    Layer by layer, so memory grows by one group at most. State-dict keys, shapes and values are unchanged.
+    Groups already packed are left alone. Returns the number of groups packed now. A device move (``.to``)
+    re-allocates every parameter on its own; call this again afterwards to get the fused matmuls back.
+    """
+    packed = 0
+    with torch.no_grad():
+        for layer in lm.model.layers:
+            for group in PACKED_GROUPS:
+                modules = [layer.get_submodule(name) for name in group]
+                weights = tuple(m.weight for m in modules)
+                if joined_weight(weights) is not None or any(w.is_meta for w in weights):
+                    continue
+                buffer = torch.cat(weights)
+                start = 0
+                for m, w in zip(modules, weights, strict=True):
+                    m.weight = nn.Parameter(buffer[start:start + w.shape[0]], requires_grad=w.requires_grad)
+                    start += w.shape[0]
+                packed += 1
+    return packed
+
+
+def packed_slots(lm: nn.Module, prefix: str, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Empty joined buffers for every :data:`PACKED_GROUPS` group of ``lm`` (meta-device modules are fine).
+
+    Returns state-dict name (``prefix`` + ``model.layers.<i>.<proj>.weight``) -> the slice of its group's
+    buffer that parameter's values belong in; a loader fills the slices and assigns them as the parameters.
+    Unwritten buffer pages cost no RAM, so allocating every group up front does not raise the load peak.
+    """
+    slots: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(lm.model.layers):
+        for group in PACKED_GROUPS:
+            shapes = [tuple(layer.get_submodule(name).weight.shape) for name in group]
+            buffer = torch.empty(sum(s[0] for s in shapes), shapes[0][1], dtype=dtype, device=device)
+            start = 0
+            for name, shape in zip(group, shapes, strict=True):
+                slots[f"{prefix}model.layers.{i}.{name}.weight"] = buffer[start:start + shape[0]]
+                start += shape[0]
+    return slots
+
+
 class LayerWeights(NamedTuple):
-    """The weights of one transformers ``LlamaDecoderLayer`` (``[out, in]`` matrices, norm scales)."""
+    """The weights of one transformers ``LlamaDecoderLayer`` (``[out, in]`` matrices, norm scales).
+
+    ``qkv`` / ``gate_up`` are the joined ``[q; k; v]`` and ``[gate; up]`` matrices when the layer was packed
+    (:func:`pack_projections`), else None.
+    """
 
     input_norm: torch.Tensor
     q: torch.Tensor
@@ -161,34 +275,52 @@ class LayerWeights(NamedTuple):
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    qkv: torch.Tensor | None
+    gate_up: torch.Tensor | None
 
     @classmethod
     def of(cls, layer: nn.Module) -> LayerWeights:
         a, m = layer.self_attn, layer.mlp
-        return cls(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                   a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
-                   m.down_proj.weight)
+        q, k, v, gate, up = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight
+        return cls(layer.input_layernorm.weight, q, k, v, a.o_proj.weight, layer.post_attention_layernorm.weight,
+                   gate, up, m.down_proj.weight, joined_weight((q, k, v)), joined_weight((gate, up)))
 
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def decoder_layer(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, eps: float,
-                  head_dim: int, attend: Attend) -> torch.Tensor:
-    """One Llama layer on ``x [B, T, hidden]`` (``x`` itself is not modified).
+                  head_dim: int, attend: Attend, scratch: Scratch | None = None) -> torch.Tensor:
+    """One Llama layer on ``x [B, T, hidden]``, updating ``x`` in place (and returning it).
 
     ``attend(q, k, v)`` gets ``[B, heads | kv_heads, T, head_dim]`` tensors, stores k / v in the cache and
-    returns the attention output ``[B, heads, T, head_dim]``.
+    returns the attention output ``[B, heads, T, head_dim]``. Intermediate results go to ``scratch``'s buffers
+    when one is given (they are dead once the layer returns).
     """
     bsz, t, _ = x.shape
-    h = rms_norm(x, w.input_norm, eps)
-    q = apply_rope(linear(h, w.q).view(bsz, t, -1, head_dim), cos, sin)
-    k = apply_rope(linear(h, w.k).view(bsz, t, -1, head_dim), cos, sin)
-    v = linear(h, w.v).view(bsz, t, -1, head_dim)
-    o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    x = x + linear(o.transpose(1, 2).reshape(bsz, t, -1), w.o)
-    h = rms_norm(x, w.post_norm, eps)
-    return x.add_(linear(F.silu(linear(h, w.gate), inplace=True).mul_(linear(h, w.up)), w.down))
+    h = rms_norm(x, w.input_norm, eps, scratch, "h")
+    if w.qkv is not None:
+        qkv = linear(h, w.qkv, scratch, "qkv").view(bsz, t, -1, head_dim)
+        n_q, n_k = w.q.shape[0] // head_dim, w.k.shape[0] // head_dim
+        q, k, v = qkv[:, :, :n_q], qkv[:, :, n_q:n_q + n_k], qkv[:, :, n_q + n_k:]
+    else:
+        q = linear(h, w.q, scratch, "q").view(bsz, t, -1, head_dim)
+        k = linear(h, w.k, scratch, "k").view(bsz, t, -1, head_dim)
+        v = linear(h, w.v, scratch, "v").view(bsz, t, -1, head_dim)
+    q, k = apply_rope(q, cos, sin, scratch, "q_rope"), apply_rope(k, cos, sin, scratch, "k_rope")
+    o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)  # [B, T, heads, D]
+    if not o.is_contiguous():
+        o = _empty(scratch, "attn", tuple(o.shape), o).copy_(o)
+    x.add_(linear(o.view(bsz, t, -1), w.o, scratch, "proj"))
+    h = rms_norm(x, w.post_norm, eps, scratch, "h")
+    if w.gate_up is not None:
+        gate_up = linear(h, w.gate_up, scratch, "gate_up")
+        inter = w.gate.shape[0]
+        gate, up = gate_up[..., :inter], gate_up[..., inter:]
+    else:
+        gate, up = linear(h, w.gate, scratch, "gate"), linear(h, w.up, scratch, "up")
+    act = F.silu(gate, inplace=True).mul_(up)
+    return x.add_(linear(act, w.down, scratch, "proj"))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -263,21 +395,22 @@ class LlamaRunner:
         if positions is None:
             positions = torch.arange(start, end, device=embeds.device)
         cos, sin = self.rope(cache.capacity)(positions)
+        weights = [LayerWeights.of(layer) for layer in self.lm.model.layers]
         x = None
         if t == 1 and new_valid is None and self.compile:
-            x = self._compiled_step(embeds, cache, cos, sin)
+            x = self._compiled_step(embeds, weights, cache, cos, sin)
         if x is None:
             mask = self._attention_mask(cache, start, end, new_valid)
             causal = mask is None and t > 1
-            x = embeds
-            for i, layer in enumerate(self.lm.model.layers):
+            x = cache.scratch.get("x", tuple(embeds.shape), embeds).copy_(embeds)
+            for i, w in enumerate(weights):
                 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i) -> torch.Tensor:
                     keys, values = cache.keys[i], cache.values[i]
                     keys[:, :, start:end] = k
                     values[:, :, start:end] = v
                     return _sdpa(q, keys[:, :, :end], values[:, :, :end], mask, causal)
 
-                x = decoder_layer(x, LayerWeights.of(layer), cos, sin, self.eps, self.head_dim, attend)
+                x = decoder_layer(x, w, cos, sin, self.eps, self.head_dim, attend, cache.scratch)
         cache.length = end
         return rms_norm(x, self.lm.model.norm.weight, self.eps)
 
@@ -301,7 +434,7 @@ class LlamaRunner:
         diag[torch.arange(t), torch.arange(start, end)] = True
         return (keys_ok & causal) | diag[None, None]
 
-    def _compiled_step(self, embeds: torch.Tensor, cache: KVCache, cos: torch.Tensor,
+    def _compiled_step(self, embeds: torch.Tensor, weights: list[LayerWeights], cache: KVCache, cos: torch.Tensor,
                        sin: torch.Tensor) -> torch.Tensor | None:
         """One-token step through the compiled function (None if compiling failed: the caller runs eagerly).
 
@@ -320,7 +453,7 @@ class LlamaRunner:
             mode = "reduce-overhead" if device.type == "cuda" else None
             self._step = torch.compile(self._static_step, mode=mode, fullgraph=True)
         try:
-            return self._step(embeds, cache.keys, cache.values, cos, sin, pos, mask)
+            return self._step(embeds, weights, cache.keys, cache.values, cos, sin, pos, mask)
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager, loudly
             first_line = (str(exc).strip().splitlines() or [""])[0]
             logger.warning("torch.compile of the decode step failed, running eagerly instead (%s: %s). On the CPU "
@@ -330,14 +463,16 @@ class LlamaRunner:
             self._step = None
             return None
 
-    def _static_step(self, x: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                     cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _static_step(self, x: torch.Tensor, weights: list[LayerWeights], keys: list[torch.Tensor],
+                     values: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
         """The decode step ``torch.compile`` traces: k / v written at ``pos``, attention over every position."""
-        for i, layer in enumerate(self.lm.model.layers):
+        x = x.clone()  # decoder_layer updates its input in place
+        for i, w in enumerate(weights):
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i) -> torch.Tensor:
                 keys[i].index_copy_(2, pos, k)
                 values[i].index_copy_(2, pos, v)
                 return _sdpa(q, keys[i], values[i], mask, False)
 
-            x = decoder_layer(x, LayerWeights.of(layer), cos, sin, self.eps, self.head_dim, attend)
+            x = decoder_layer(x, w, cos, sin, self.eps, self.head_dim, attend)
         return x

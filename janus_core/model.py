@@ -9,7 +9,9 @@ Device and dtype policy when not given:
   overflow float16; the head's 16384 logits decide every sampled token).
 
 Loading builds the network on the ``meta`` device, then reads the checkpoint one tensor at a time,
-converting each to its final dtype and device, so no second full copy of the weights is ever held.
+converting each to its final dtype and device, so no second full copy of the weights is ever held. Each LLM
+layer's q/k/v and gate/up weights are stored back to back in one buffer per group (the parameters are views
+of it, state-dict keys unchanged), so a decode step reads each group with one matmul.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from .checkpoint import iter_checkpoint
 from .config import JanusConfig, load_config
 from .errors import CheckpointError
-from .llm import LlamaRunner
+from .llm import LlamaRunner, pack_projections, packed_slots
 from .modules.composite import JanusARNet, JanusFlowNet
 from .processor import ImagePreprocessor, JanusTokenizer
 
@@ -88,7 +90,18 @@ class JanusModel:
     def to(self, device: torch.device | str) -> JanusModel:
         """Move the weights to ``device`` (in place; returns self)."""
         self.net.to(device)
+        self.pack_projections()
         return self
+
+    def pack_projections(self) -> None:
+        """Re-join the LLM's q/k/v and gate/up weights after something moved the parameters one by one.
+
+        Cheap when they are still joined; ComfyUI's memory manager moves weights per parameter, so callers that
+        let it load the model call this afterwards (see :func:`janus_core.llm.pack_projections`).
+        """
+        packed = pack_projections(self.net.language_model)
+        if packed:
+            logger.debug("re-joined %d projection groups on %s", packed, self.device)
 
     def __repr__(self) -> str:
         return f"JanusModel(variant={self.variant!r}, folder='{self.folder}', device={self.device}, dtype={self.dtype})"
@@ -118,13 +131,18 @@ def _listing(names: list[str], sep: str = ", ", limit: int = 20) -> str:
 
 
 def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Fill the meta-device ``net`` from the checkpoint in ``folder`` (strict: every key and shape must match)."""
+    """Fill the meta-device ``net`` from the checkpoint in ``folder`` (strict: every key and shape must match).
+
+    The LLM's q/k/v and gate/up weights go straight into their joined buffers (see
+    :func:`janus_core.llm.packed_slots`): read into them when the file format allows, copied otherwise.
+    """
     expected = {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
+    slots = packed_slots(net.language_model, "language_model.", device, dtype)
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     misshaped: list[str] = []
     dropped = 0
-    for name, tensor in iter_checkpoint(folder):
+    for name, tensor in iter_checkpoint(folder, destination=slots.get):
         if name not in expected:
             if any(p.search(name) for p in UNUSED_KEYS):
                 dropped += 1
@@ -134,6 +152,12 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
         shape, _ = expected[name]
         if tuple(tensor.shape) != shape:
             misshaped.append(f"{name}: checkpoint {list(tensor.shape)} vs model {list(shape)}")
+            continue
+        slot = slots.get(name)
+        if slot is not None:
+            if tensor is not slot:
+                slot.copy_(tensor)
+            loaded[name] = slot
             continue
         target = _target_dtype(name, dtype) if tensor.is_floating_point() else tensor.dtype
         loaded[name] = tensor.to(device=device, dtype=target)

@@ -37,6 +37,7 @@ class JanusModelHandle:
         ``memory_required``: bytes the coming run needs beyond the weights (KV cache), so ComfyUI can make room.
         """
         comfy.ensure_loaded(self.patcher, self.model.net, self.device, memory_required)
+        self.model.pack_projections()  # a (re)load moves parameters one by one, which un-joins them
         return self.model
 
     def __repr__(self) -> str:
