@@ -1,5 +1,8 @@
 """Checkpoint-load peak RAM: write a random bf16 checkpoint of a release shape, load it in a fresh process.
 
+Both on-disk formats of the releases are measured: ``model.safetensors`` (Janus-1.3B, JanusFlow) and
+``pytorch_model.bin`` (Janus-Pro).
+
 ``python -m bench.load FOLDER [--dtype bf16]`` is the probe run in the child: it imports everything, notes
 its RSS, loads with ``janus_core.load_model`` and prints one JSON line. Peaks are the kernel's ``VmHWM``
 (high-water RSS of this process image; ``getrusage`` would also count the parent's RSS from before exec).
@@ -50,14 +53,26 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], torc
     return offset
 
 
-def write_random_checkpoint(name: str, layers: int | None, folder: Path, dtype: torch.dtype = torch.bfloat16) -> int:
-    """A loadable checkpoint folder of ``name``'s shape with random ``dtype`` weights; returns weight bytes."""
+FORMATS = ("safetensors", "bin")
+
+
+def write_random_checkpoint(name: str, layers: int | None, folder: Path, dtype: torch.dtype = torch.bfloat16,
+                            fmt: str = "safetensors") -> int:
+    """A loadable checkpoint folder of ``name``'s shape with random ``dtype`` weights; returns weight bytes.
+
+    ``fmt`` ``"safetensors"`` writes ``model.safetensors`` (streamed); ``"bin"`` writes ``pytorch_model.bin``
+    with ``torch.save`` (the whole state dict is built in memory first).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(release_config_dict(name, layers), indent=1), encoding="utf-8")
     for side in SIDE_FILES:
         if (fixture_folder(name) / side).is_file():
             shutil.copy(fixture_folder(name) / side, folder / side)
     net = build_meta_net(release_config(name, layers))
+    if fmt == "bin":
+        state = dict(random_tensors(net, dtype))
+        torch.save(state, folder / "pytorch_model.bin")
+        return sum(t.numel() * t.element_size() for t in state.values())
     shapes = {k: (tuple(v.shape), dtype if v.is_floating_point() else v.dtype) for k, v in net.state_dict().items()}
     return write_safetensors(folder / "model.safetensors", shapes, random_tensors(net, dtype))
 
@@ -68,7 +83,7 @@ class LoadResult:
     file_bytes: int
     import_rss: int  # child RSS after imports, before loading
     peak_rss: int  # child peak RSS during the load
-    touched_rss: int  # child peak RSS after reading every weight once (memory-mapped pages become resident)
+    touched_rss: int  # child peak RSS after reading every weight once (would grow if pages were loaded lazily)
     seconds: float
 
     @property
@@ -82,11 +97,11 @@ class LoadResult:
         return (self.touched_rss - self.import_rss) / self.weight_bytes
 
 
-def measure_load(name: str, layers: int | None, dtype: str = "bf16") -> LoadResult:
-    """Write a random bf16 checkpoint to a temp folder and load it as ``dtype`` in a fresh process."""
+def measure_load(name: str, layers: int | None, dtype: str = "bf16", fmt: str = "safetensors") -> LoadResult:
+    """Write a random bf16 checkpoint (``fmt``) to a temp folder and load it as ``dtype`` in a fresh process."""
     with tempfile.TemporaryDirectory(prefix="janus-bench-") as tmp:
         folder = Path(tmp) / "model"
-        file_bytes = write_random_checkpoint(name, layers, folder)
+        file_bytes = write_random_checkpoint(name, layers, folder, fmt=fmt)
         out = subprocess.run([sys.executable, "-m", "bench.load", str(folder), "--dtype", dtype], cwd=ROOT,
                              check=True, capture_output=True, text=True)
         probe = json.loads(out.stdout.strip().splitlines()[-1])
@@ -102,8 +117,7 @@ def _high_water_rss() -> int:
 
 
 def _probe(folder: Path, dtype: torch.dtype) -> dict:
-    import safetensors.torch  # noqa: F401 - imported before the baseline RSS, like everything load_model needs
-    import transformers.models.llama.modeling_llama  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401 - imported before the baseline RSS
 
     from janus_core.model import load_model, param_bytes
 

@@ -19,7 +19,7 @@ import torch
 
 from .ar import floor_seconds, kv_bytes_per_position, run_ar, weight_bytes_per_step
 from .flow import llm_flops_per_step, run_flow
-from .load import DTYPES, measure_load
+from .load import DTYPES, FORMATS, measure_load
 from .measure import memory_bandwidth, print_table, wait_quiet
 from .models import random_model
 from .other import understanding_speed, vq_decode_seconds
@@ -114,11 +114,12 @@ def bench_vq_understand(args: argparse.Namespace) -> None:
 
 def bench_load(args: argparse.Namespace) -> None:
     rows = []
-    for dtype_name in args.load_dtypes:
-        r = measure_load(args.model, args.layers, dtype_name)
-        rows.append([f"bf16 file -> {dtype_name}", r.weight_bytes / GB, r.import_rss / GB, r.peak_rss / GB,
-                     r.ratio, r.touched_rss / GB, r.touched_ratio, r.seconds])
-    print_table(f"Checkpoint load in a fresh process, {args.model}{_layers(args)} (model.safetensors, random bf16)",
+    for fmt in FORMATS:
+        for dtype_name in args.load_dtypes:
+            r = measure_load(args.model, args.layers, dtype_name, fmt)
+            rows.append([f"bf16 {fmt} -> {dtype_name}", r.weight_bytes / GB, r.import_rss / GB, r.peak_rss / GB,
+                         r.ratio, r.touched_rss / GB, r.touched_ratio, r.seconds])
+    print_table(f"Checkpoint load in a fresh process, {args.model}{_layers(args)} (random bf16 weights)",
                 ["load", "weights GB", "RSS after imports GB", "peak RSS GB", "peak extra / weights",
                  "peak after reading every weight GB", "that extra / weights", "load s"], rows)
 
