@@ -75,7 +75,7 @@ class FlowCFG:
 class FlowStep:
     """One ODE step's internals (rows ``[0, B)`` cond; ``v_uncond`` is None when ``cfg_weight == 1``).
 
-    ``step`` is 0-based; ``t [B]`` the time fed to the encoder (0..1000); ``t_emb [B, hidden]``;
+    ``step`` is 0-based, of ``steps``; ``t [B]`` the time fed to the encoder (0..1000); ``t_emb [B, hidden]``;
     ``v_cond``/``v_uncond``/``velocity`` and ``z`` (after the step) are ``[B, 4, 48, 48]`` in model space.
     """
 
@@ -86,6 +86,16 @@ class FlowStep:
     v_uncond: torch.Tensor | None
     velocity: torch.Tensor
     z: torch.Tensor
+    steps: int
+
+    def predicted_clean(self) -> torch.Tensor:
+        """The final latent this step's velocity points at, ``z + (1 - t_after) * velocity`` ``[B, 4, 48, 48]``.
+
+        Rectified flow moves in straight lines from noise (t = 0) to the image (t = 1), so this is the image
+        the sampler would reach if the velocity stayed constant: a clean preview long before the last step
+        (equal to ``z`` after it).
+        """
+        return self.z + (1.0 - (self.step + 1) / self.steps) * self.velocity
 
 
 def _require_flow(model: JanusModel) -> None:
@@ -220,7 +230,7 @@ def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps
         else:
             v_cond, v_uncond = v, None
         z = z + dt * v
-        yield FlowStep(step, t, t_emb, v_cond, v_uncond, v, z)
+        yield FlowStep(step, t, t_emb, v_cond, v_uncond, v, z, steps)
 
 
 def generate_flow_latents(model: JanusModel, prompt: str | FlowCFG, batch_size: int | None = None,

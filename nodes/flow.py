@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from janus_core.errors import JanusError
-from janus_core.generate_flow import FlowCFG, generate_flow_latents, latent_to_sdxl_vae
+from janus_core.generate_flow import FlowCFG, initial_noise, iter_flow_steps, latent_to_sdxl_vae
 from janus_core.prompts import IMAGE_TOKENS
 
 from . import comfy_services as comfy
@@ -42,9 +40,9 @@ class DSJanusFlowSampler:
         m = model.ready(kv_cache_bytes(model.model, rows, cfg_pair.prompt_len + 1 + IMAGE_TOKENS))
         progress = comfy.Progress(steps)
         previewer = comfy.sdxl_latent_previewer(m.device)  # z is SDXL-scaled, as ComfyUI's previewers expect
-
-        def on_step(done: int, total: int, z: torch.Tensor) -> None:
-            progress.update(done, previewer(z[:1]) if previewer is not None else None)
-
-        z = generate_flow_latents(m, cfg_pair, seed=seed, steps=steps, cfg_weight=cfg_weight, callback=on_step)
+        z = None
+        for st in iter_flow_steps(m, cfg_pair, initial_noise(m, cfg_pair.batch_size, seed), steps, cfg_weight):
+            z = st.z
+            # the preview shows where the image is heading, not the still-noisy z
+            progress.update(st.step + 1, previewer(st.predicted_clean()[:1]) if previewer is not None else None)
         return ({"samples": latent_to_sdxl_vae(z.float()).cpu()},)

@@ -87,6 +87,18 @@ def test_final_latent_and_callback(model, flow, pair):
         close(zk, flow["z_steps"][k + 1])
 
 
+def test_predicted_clean_follows_the_straight_line(model, flow, pair):
+    """Each step's preview target is z_before + (1 - t) * v with t the step's time; after the last step it is z."""
+    before = flow["z0"]
+    steps = list(iter_flow_steps(model, pair, flow["z0"], STEPS, CFG))
+    for st in steps:
+        t = st.step / STEPS
+        assert torch.allclose(st.t.float(), torch.full_like(st.t.float(), t * 1000.0))
+        torch.testing.assert_close(st.predicted_clean(), before + (1.0 - t) * st.velocity, rtol=1e-5, atol=1e-5)
+        before = st.z
+    assert torch.equal(steps[-1].predicted_clean(), steps[-1].z)
+
+
 def test_prompt_prefix_computed_once(model, flow, pair, monkeypatch):
     fed = []
     forward = model.llm.forward

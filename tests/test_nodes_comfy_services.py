@@ -14,6 +14,7 @@ from conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY
 from PIL import Image
 
 from janus_core.generate_ar import IMAGE_TOKENS
+from janus_core.generate_flow import initial_noise, iter_flow_steps
 from nodes import comfy_services as cs
 from nodes import text_to_image
 from nodes.flow import DSJanusFlowSampler
@@ -316,12 +317,17 @@ def test_flow_sampler_progress_preview_and_cancel(flow_handle, tmp_path, monkeyp
     prompt = DSJanusPromptEncoder().encode(flow_handle, "a lighthouse")[0]
     pair = DSJanusCFGPair().build(flow_handle, prompt, 1)[0]
     seen = []
-    monkeypatch.setattr(cs, "sdxl_latent_previewer", lambda device: lambda z: seen.append(tuple(z.shape)) or "img")
+    monkeypatch.setattr(cs, "sdxl_latent_previewer", lambda device: lambda z: seen.append(z.clone()) or "img")
     fake = FakeComfy(tmp_path).install(monkeypatch)
     latent = DSJanusFlowSampler().sample(flow_handle, pair, seed=0, steps=3, cfg_weight=2.0)[0]
     assert latent["samples"].shape == (1, 4, 48, 48) and latent["samples"].dtype == torch.float32
     assert [(u[0], u[1]) for u in fake.updates] == [(1, 3), (2, 3), (3, 3)]
-    assert all(u[2][1] == "img" for u in fake.updates) and seen == [(1, 4, 48, 48)] * 3
+    assert all(u[2][1] == "img" for u in fake.updates)
+    # previews show where each step heads (the predicted clean latent), not the noisy z
+    model = flow_handle.model
+    expected = [st.predicted_clean() for st in iter_flow_steps(model, pair, initial_noise(model, 1, 0), 3, 2.0)]
+    assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, expected, strict=True))
+    assert not torch.equal(seen[0], latent["samples"])  # the first preview is not the noise either
 
     fake = FakeComfy(tmp_path, interrupt_after=2).install(monkeypatch)
     with pytest.raises(Interrupted):
