@@ -189,7 +189,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scratch: S
     """
     half = x.shape[-1] // 2
     out = torch.mul(x, cos, out=_empty(scratch, name, tuple(x.shape), x))
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1, out=_empty(scratch, "rope_swap", tuple(x.shape), x))
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1,
+                        out=_empty(scratch, f"{name}_swap", tuple(x.shape), x))
     return out.add_(swapped.mul_(sin))
 
 
