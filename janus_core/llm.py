@@ -66,6 +66,21 @@ def _empty(scratch: Scratch | None, name: str, shape: tuple[int, ...], like: tor
     return scratch.get(name, shape, like, dtype)
 
 
+def work_buffer_bytes(spec: LlamaSpec, rows: int, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of the :class:`Scratch` buffers (plus the attention output) of one forward over ``tokens`` new
+    positions of ``rows`` rows in ``dtype``, with packed projections.
+
+    Per token: residual, two normed / projected hidden vectors, joined q/k/v, q and k after RoPE with their
+    swap buffers, attention output (kernel result and re-laid copy), gate/up; plus RMSNorm's float32 copy.
+    """
+    d = spec.head_dim
+    q, kv = spec.num_attention_heads * d, spec.num_key_value_heads * d
+    elements = 3 * spec.hidden_size + (q + 2 * kv) + 2 * q + 2 * kv + 2 * q + 2 * spec.intermediate_size
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    norm_f32 = 0 if dtype == torch.float32 else 4 * spec.hidden_size
+    return rows * tokens * (elements * itemsize + norm_f32)
+
+
 @dataclass
 class KVCache:
     """Per-layer keys and values, preallocated: ``keys[i]`` / ``values[i]`` are ``[B, kv_heads, max_len, head_dim]``.

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from janus_core.hub import KNOWN_REPOS, is_model_folder, known_name, resolve_model_path
+from janus_core.llm import work_buffer_bytes
 from janus_core.model import JanusModel, default_dtype, load_model
 
 from . import comfy_services as comfy
@@ -42,6 +43,11 @@ class JanusModelHandle:
 
     def __repr__(self) -> str:
         return f"JanusModelHandle({self.model!r})"
+
+
+def forward_buffer_bytes(model: JanusModel, rows: int, tokens: int) -> int:
+    """Bytes of the LLM's work buffers for a forward over ``tokens`` new positions of ``rows`` sequences."""
+    return work_buffer_bytes(model.config.llm, rows, tokens, model.dtype)
 
 
 def kv_cache_bytes(model: JanusModel, rows: int, positions: int) -> int:

@@ -15,7 +15,7 @@ from janus_core.images import images_from_decoded
 from janus_core.prompts import IMAGE_TOKENS, PromptTokens, encode_prompt
 
 from . import comfy_services as comfy
-from .loader import JanusModelHandle, kv_cache_bytes
+from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes
 
 PREVIEW_EVERY = 48  # tokens (two rows of the 24x24 grid)
 PREVIEW_TIME_BUDGET = 0.1  # previews may take at most this share of the sampling time (VQ decode is slow on CPUs)
@@ -151,7 +151,8 @@ class DSJanusARSampler:
             raise JanusError("This CFG pair was built for a JanusFlow model; the AR sampler needs one built with "
                              "a Janus / Janus-Pro model.")
         prompt_len = max(cfg_pair.cond_ids.shape[-1], cfg_pair.uncond_ids.shape[-1])
-        m = model.ready(kv_cache_bytes(model.model, 2 * cfg_pair.batch_size, prompt_len + IMAGE_TOKENS))
+        m = model.ready(kv_cache_bytes(model.model, 2 * cfg_pair.batch_size, prompt_len + IMAGE_TOKENS)
+                        + forward_buffer_bytes(model.model, 2, prompt_len))  # the prompt is prefilled on 2 rows
         progress = comfy.Progress(IMAGE_TOKENS)
         schedule = PreviewSchedule() if comfy.previews_enabled() else None
 

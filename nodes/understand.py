@@ -7,7 +7,7 @@ import torch
 from janus_core.understand import understand
 
 from . import comfy_services as comfy
-from .loader import JanusModelHandle, kv_cache_bytes
+from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes
 from .text_to_image import SEED_MAX, model_input
 
 MODES = ["per image", "all images in one question"]
@@ -51,7 +51,8 @@ class DSJanusUnderstand:
         count = int(image.shape[0]) if isinstance(image, torch.Tensor) and image.dim() == 4 else 1
         rows, images_per_row = (count, 1) if per_image else (1, count)
         positions = images_per_row * (IMAGE_BLOCK + 2) + PROMPT_ALLOWANCE + max_new_tokens
-        m = model.ready(kv_cache_bytes(model.model, rows, positions))
+        m = model.ready(kv_cache_bytes(model.model, rows, positions)
+                        + forward_buffer_bytes(model.model, rows, positions))
         progress = comfy.Progress(max_new_tokens)
         answers = understand(m, image, question, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, seed=seed, per_image=per_image,

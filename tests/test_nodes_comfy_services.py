@@ -22,6 +22,7 @@ from nodes.loader import (
     DOWNLOAD_SUFFIX,
     DSJanusModelLoader,
     JanusModelHandle,
+    forward_buffer_bytes,
     kv_cache_bytes,
     local_model_folder,
     model_choices,
@@ -297,7 +298,9 @@ def test_ar_sampler_full_run_with_progress(pro_handle, tmp_path, monkeypatch):
     assert len(fake.updates) == IMAGE_TOKENS and fake.updates[-1][0] == IMAGE_TOKENS
     assert all(u[2] is None for u in fake.updates)
     # the KV cache of 2 x batch rows is announced to ComfyUI's memory manager
-    expected = kv_cache_bytes(pro_handle.model, 4, pair.cond_ids.shape[-1] + IMAGE_TOKENS)
+    prompt_len = pair.cond_ids.shape[-1]
+    expected = (kv_cache_bytes(pro_handle.model, 4, prompt_len + IMAGE_TOKENS)
+                + forward_buffer_bytes(pro_handle.model, 2, prompt_len))
     assert fake.loads == [(["patcher"], True, expected)] and expected > 0
 
 

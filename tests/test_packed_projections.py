@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from janus_core import load_model
-from janus_core.llm import KVCache, LayerWeights, decoder_layer, joined_weight, pack_projections
+from janus_core.llm import KVCache, LayerWeights, decoder_layer, joined_weight, pack_projections, work_buffer_bytes
 from nodes.loader import JanusModelHandle
 from tests.conftest import PRO_TINY
 
@@ -148,3 +148,17 @@ def test_work_buffers_are_reused_and_change_nothing():
         plain = decoder_layer(x.clone(), w, cos, sin, spec.rms_norm_eps, spec.head_dim, attend)
         buffered = decoder_layer(x.clone(), w, cos, sin, spec.rms_norm_eps, spec.head_dim, attend, cache.scratch)
     assert torch.equal(plain, buffered)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_work_buffer_estimate_matches_the_buffers(dtype):
+    """What the nodes announce to ComfyUI's memory manager is what a forward allocates."""
+    model = load_model(PRO_TINY, device="cpu", dtype=dtype)
+    spec = model.config.llm
+    rows, tokens = 2, 9
+    cache = KVCache.allocate(model.llm, rows, 16)
+    model.llm.forward(torch.randn(rows, tokens, spec.hidden_size).to(dtype), cache)
+    held = sum(b.numel() * b.element_size() for b in cache.scratch._buffers.values())
+    attention_output = rows * tokens * spec.num_attention_heads * spec.head_dim * dtype.itemsize
+    # the re-laid copy of the attention output exists only when the kernel's output is not token-major
+    assert work_buffer_bytes(spec, rows, tokens, dtype) - (held + attention_output) in (0, attention_output)
