@@ -164,31 +164,57 @@ def _read_safetensors_header(path: Path, fh: BinaryIO) -> list[_Entry]:
     return entries
 
 
-def _read_tensor(path: Path, fh: BinaryIO, entry: _Entry, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor's bytes with ``seek`` + ``readinto`` straight into ``out`` or a fresh CPU tensor.
+CHUNK_BYTES = 64 << 20  # bounce-buffer size when a tensor is converted while it is read
 
-    ``out`` is used only if it is a contiguous CPU tensor of the entry's shape and dtype.
-    """
-    usable = (out is not None and out.device.type == "cpu" and out.dtype == entry.dtype
-              and tuple(out.shape) == entry.shape and out.is_contiguous())
-    tensor = out if usable else torch.empty(entry.shape, dtype=entry.dtype)
-    nbytes = entry.end - entry.start
-    if nbytes == 0:
-        return tensor
-    # reshape(-1) is a view of the contiguous tensor (and works for 0-dim ones); its uint8 view's
-    # numpy array is a writable buffer over the tensor's own memory, whatever the dtype (bf16 included).
-    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-    fh.seek(entry.start)
+
+def _read_bytes(path: Path, fh: BinaryIO, entry: _Entry, start: int, view: memoryview) -> None:
+    """Fill ``view`` with the entry's bytes from offset ``start`` (relative to the entry) on."""
+    fh.seek(entry.start + start)
     done = 0
-    while done < nbytes:
+    while done < len(view):
         n = fh.readinto(view[done:])
         if not n:
             raise CheckpointError(
                 f"{path} is truncated: tensor '{entry.name}' ends at byte {entry.end} but the file ended "
-                f"at byte {entry.start + done}. Re-download it."
+                f"at byte {entry.start + start + done}. Re-download it."
             )
         done += n
-    return tensor
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory, whatever its dtype (bf16 included).
+
+    ``reshape(-1)`` is a view of a contiguous tensor (and works for 0-dim ones); its uint8 view's numpy array
+    shares the tensor's memory.
+    """
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _read_tensor(path: Path, fh: BinaryIO, entry: _Entry, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor with ``seek`` + ``readinto``: into ``out`` if given, else into a fresh CPU tensor.
+
+    ``out`` (contiguous, the entry's shape) may have another dtype or device: the bytes then pass through a
+    bounce buffer of at most :data:`CHUNK_BYTES` and are converted chunk by chunk, so converting a checkpoint
+    never holds more than the destination plus one chunk. An ``out`` of another shape is ignored.
+    """
+    if out is None or tuple(out.shape) != entry.shape or not out.is_contiguous():
+        out = None
+    direct = out is not None and out.device.type == "cpu" and out.dtype == entry.dtype
+    if out is None or direct:
+        tensor = out if direct else torch.empty(entry.shape, dtype=entry.dtype)
+        if entry.end > entry.start:
+            _read_bytes(path, fh, entry, 0, _byte_view(tensor))
+        return tensor
+    itemsize = entry.dtype.itemsize
+    numel = (entry.end - entry.start) // itemsize
+    per_chunk = max(1, CHUNK_BYTES // itemsize)
+    bounce = torch.empty(min(numel, per_chunk), dtype=entry.dtype)
+    flat = out.view(-1)
+    for first in range(0, numel, per_chunk):
+        n = min(per_chunk, numel - first)
+        _read_bytes(path, fh, entry, first * itemsize, _byte_view(bounce[:n]))
+        flat[first:first + n].copy_(bounce[:n])
+    return out
 
 
 Destination = Callable[[str], torch.Tensor | None]
@@ -196,7 +222,7 @@ Destination = Callable[[str], torch.Tensor | None]
 
 def _iter_safetensors(path: Path, destination: Destination | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a safetensors file in file-offset order, each read into a fresh tensor (no memory map)
-    or into ``destination(name)`` when that returns a matching tensor."""
+    or into ``destination(name)`` when that returns a tensor of its shape (see :func:`_read_tensor`)."""
     if sys.byteorder != "little":
         raise CheckpointError(
             f"Cannot read {path}: safetensors files are little-endian and this machine is {sys.byteorder}-endian."
@@ -234,10 +260,11 @@ def iter_checkpoint(folder: str | Path, destination: Destination | None = None
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every stored tensor of the checkpoint in ``folder`` (CPU, stored dtype).
 
-    ``destination(name)`` may return the tensor that should receive ``name``'s values (e.g. a slice of a
-    joined buffer); safetensors data is then read straight into it when its shape, dtype (the stored one)
-    and layout match, and that tensor is yielded. Otherwise, and for pickles, a fresh tensor is yielded and
-    the caller copies.
+    ``destination(name)`` may return the tensor that should receive ``name``'s values (its final memory,
+    e.g. a slice of a joined buffer, in any dtype and on any device). safetensors data is then read into it
+    (converted on the way through a small bounce buffer when the dtype or device differs) and that tensor is
+    yielded. For another shape, and for pickles, a fresh tensor in the stored dtype is yielded and the caller
+    copies.
     """
     for path in weight_files(folder):
         logger.info("reading %s", path)

@@ -133,16 +133,23 @@ def _listing(names: list[str], sep: str = ", ", limit: int = 20) -> str:
 def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
     """Fill the meta-device ``net`` from the checkpoint in ``folder`` (strict: every key and shape must match).
 
-    The LLM's q/k/v and gate/up weights go straight into their joined buffers (see
-    :func:`janus_core.llm.packed_slots`): read into them when the file format allows, copied otherwise.
+    Every weight is read into its final memory (dtype, device; the LLM's q/k/v and gate/up into their joined
+    buffers, see :func:`janus_core.llm.packed_slots`) when the file format allows, and copied there otherwise.
     """
     expected = {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
     slots = packed_slots(net.language_model, "language_model.", device, dtype)
+
+    def destination(name: str) -> torch.Tensor | None:
+        """The final memory of a floating-point weight (its joined buffer's slice, or a new tensor)."""
+        if name not in slots and name in expected and expected[name][1].is_floating_point:
+            slots[name] = torch.empty(expected[name][0], dtype=_target_dtype(name, dtype), device=device)
+        return slots.get(name)
+
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     misshaped: list[str] = []
     dropped = 0
-    for name, tensor in iter_checkpoint(folder, destination=slots.get):
+    for name, tensor in iter_checkpoint(folder, destination=destination):
         if name not in expected:
             if any(p.search(name) for p in UNUSED_KEYS):
                 dropped += 1
@@ -155,7 +162,7 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
             continue
         slot = slots.get(name)
         if slot is not None:
-            if tensor is not slot:
+            if tensor is not slot:  # pickles, which cannot be read into given memory
                 slot.copy_(tensor)
             loaded[name] = slot
             continue

@@ -495,11 +495,26 @@ def test_safetensors_read_straight_into_given_tensors():
     ref = stored_tensors[name]
     buffer = torch.zeros(ref.shape[0] * 2, ref.shape[1], dtype=ref.dtype)
     slot = buffer[ref.shape[0]:]
-    wrong_dtype = torch.zeros(ref.shape, dtype=torch.float64)
-    targets = {name: slot, "language_model.model.norm.weight": wrong_dtype}
+    wrong_shape = torch.zeros(3, dtype=ref.dtype)
+    targets = {name: slot, "language_model.model.norm.weight": wrong_shape}
     seen = dict(iter_checkpoint(PRO_TINY, destination=targets.get))
     assert seen[name] is slot and torch.equal(slot, ref)
     assert torch.equal(buffer[: ref.shape[0]], torch.zeros_like(ref))  # only the slot was written
     norm = seen["language_model.model.norm.weight"]
-    assert norm is not wrong_dtype and torch.equal(norm, stored_tensors["language_model.model.norm.weight"])
-    assert not wrong_dtype.any()  # a non-matching destination is left alone
+    assert norm is not wrong_shape and torch.equal(norm, stored_tensors["language_model.model.norm.weight"])
+    assert not wrong_shape.any()  # a destination of another shape is left alone
+
+
+@pytest.mark.parametrize("chunk", [6, 1000, 64 << 20])
+def test_destinations_of_another_dtype_are_converted_in_chunks(monkeypatch, chunk):
+    """Chunk sizes that split elements' rows anywhere (6 bytes = 3 bf16 values) give the same values."""
+    import janus_core.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "CHUNK_BYTES", chunk)
+    stored_tensors = load_file(PRO_TINY / "model.safetensors")
+    names = [n for n, t in stored_tensors.items() if t.is_floating_point()][:12]
+    targets = {n: torch.full(stored_tensors[n].shape, float("nan"), dtype=torch.float64) for n in names}
+    seen = dict(iter_checkpoint(PRO_TINY, destination=targets.get))
+    for n in names:
+        assert seen[n] is targets[n]
+        assert torch.equal(targets[n], stored_tensors[n].to(torch.float64)), n
