@@ -76,9 +76,8 @@ def work_buffer_bytes(spec: LlamaSpec, rows: int, tokens: int, dtype: torch.dtyp
     d = spec.head_dim
     q, kv = spec.num_attention_heads * d, spec.num_key_value_heads * d
     elements = 3 * spec.hidden_size + (q + 2 * kv) + 2 * q + 2 * kv + 2 * q + 2 * spec.intermediate_size
-    itemsize = torch.empty((), dtype=dtype).element_size()
     norm_f32 = 0 if dtype == torch.float32 else 4 * spec.hidden_size
-    return rows * tokens * (elements * itemsize + norm_f32)
+    return rows * tokens * (elements * dtype.itemsize + norm_f32)
 
 
 @dataclass
