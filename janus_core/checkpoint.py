@@ -263,8 +263,8 @@ def iter_checkpoint(folder: str | Path, destination: Destination | None = None
     ``destination(name)`` may return the tensor that should receive ``name``'s values (its final memory,
     e.g. a slice of a joined buffer, in any dtype and on any device). safetensors data is then read into it
     (converted on the way through a small bounce buffer when the dtype or device differs) and that tensor is
-    yielded. For another shape, and for pickles, a fresh tensor in the stored dtype is yielded and the caller
-    copies.
+    yielded. For another shape or a non-contiguous tensor, and for pickles, a fresh tensor in the stored
+    dtype is yielded and the caller copies.
     """
     for path in weight_files(folder):
         logger.info("reading %s", path)

@@ -231,6 +231,12 @@ def joined_weight(parts: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     return first.as_strided((rows, first.shape[1]), (first.shape[1], 1), first.storage_offset())
 
 
+def _group_slices(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Views ``[out_i, in]`` of one new uninitialised ``[sum(out_i), in]`` buffer, back to back."""
+    buffer = torch.empty(sum(s[0] for s in shapes), shapes[0][1], dtype=dtype, device=device)
+    return list(buffer.split([s[0] for s in shapes]))
+
+
 def pack_projections(lm: nn.Module) -> int:
     """Store each layer's q/k/v and gate/up weights back to back in one buffer (parameters become views).
 
@@ -246,11 +252,9 @@ def pack_projections(lm: nn.Module) -> int:
                 weights = tuple(m.weight for m in modules)
                 if joined_weight(weights) is not None or any(w.is_meta for w in weights):
                     continue
-                buffer = torch.cat(weights)
-                start = 0
-                for m, w in zip(modules, weights, strict=True):
-                    m.weight = nn.Parameter(buffer[start:start + w.shape[0]], requires_grad=w.requires_grad)
-                    start += w.shape[0]
+                slices = _group_slices([tuple(w.shape) for w in weights], weights[0].dtype, weights[0].device)
+                for m, w, part in zip(modules, weights, slices, strict=True):
+                    m.weight = nn.Parameter(part.copy_(w), requires_grad=w.requires_grad)
                 packed += 1
     return packed
 
@@ -266,11 +270,8 @@ def packed_slots(lm: nn.Module, prefix: str, device: torch.device, dtype: torch.
     for i, layer in enumerate(lm.model.layers):
         for group in PACKED_GROUPS:
             shapes = [tuple(layer.get_submodule(name).weight.shape) for name in group]
-            buffer = torch.empty(sum(s[0] for s in shapes), shapes[0][1], dtype=dtype, device=device)
-            start = 0
-            for name, shape in zip(group, shapes, strict=True):
-                slots[f"{prefix}model.layers.{i}.{name}.weight"] = buffer[start:start + shape[0]]
-                start += shape[0]
+            for name, part in zip(group, _group_slices(shapes, dtype, device), strict=True):
+                slots[f"{prefix}model.layers.{i}.{name}.weight"] = part
     return slots
 
 
