@@ -10,7 +10,7 @@ from PIL import Image
 
 from janus_core.generate_ar import IMAGE_TOKENS, decode_image_tokens
 from janus_core.model import JanusModel
-from janus_core.understand import understand
+from janus_core.understanding import understand
 
 from .measure import StepClock, Timing, summarize, time_repeated, wait_quiet
 from .models import FIXTURES

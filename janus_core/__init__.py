@@ -17,7 +17,7 @@ _EXPORTS = {
     "generate_image_tokens": "janus_core.generate_ar",
     "decode_image_tokens": "janus_core.generate_ar",
     "generate_flow_latents": "janus_core.generate_flow",
-    "understand": "janus_core.understand",
+    "understand": "janus_core.understanding",
     "JanusError": "janus_core.errors",
     "CheckpointError": "janus_core.errors",
 }

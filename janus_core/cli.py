@@ -137,7 +137,7 @@ def _run_flow(args: argparse.Namespace) -> list[Path]:
 def _run_understand(args: argparse.Namespace) -> list[str]:
     from PIL import Image
 
-    from .understand import understand
+    from .understanding import understand
 
     model = _load(args)
     images = [Image.open(path) for path in args.image]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from janus_core.understand import understand
+from janus_core.understanding import understand
 
 from . import comfy_services as comfy
 from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes

@@ -13,7 +13,7 @@ from janus_core.cli import main
 from janus_core.errors import CheckpointError
 from janus_core.generate_ar import decode_image_tokens, generate_image_tokens
 from janus_core.images import to_uint8
-from janus_core.understand import understand
+from janus_core.understanding import understand
 from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY
 
 

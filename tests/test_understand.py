@@ -9,7 +9,7 @@ from PIL import Image
 
 from janus_core import JanusError, load_model
 from janus_core.llm import KVCache
-from janus_core.understand import generate_text_ids, to_pil_images, understand, understanding_embeds
+from janus_core.understanding import generate_text_ids, to_pil_images, understand, understanding_embeds
 from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, golden
 
 QUESTION = "Describe this image."
