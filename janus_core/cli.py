@@ -72,11 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
-    from .hub import resolve_model_path
+    """Resolve ``--model`` and load it, refusing a model of the wrong kind for ``args.command``.
+
+    ``generate`` needs a Janus / Janus-Pro model, ``flow`` a JanusFlow model, ``understand`` takes either. A known
+    release is checked by name before any download, a folder by its config.json before any weight is read.
+    """
+    from .config import load_config
+    from .errors import JanusError
+    from .hub import KNOWN_RELEASES, ModelKind, known_name, looks_like_path, resolve_model_path
     from .model import load_model
 
+    uses = {ModelKind.AR: ("generate", "Janus AR Token Sampler"), ModelKind.FLOW: ("flow", "JanusFlow ODE Sampler")}
+    needed = next((kind for kind, (command, _) in uses.items() if command == args.command), None)
+
+    def refuse_unless_needed(kind: ModelKind) -> None:
+        if needed is None or kind == needed:
+            return
+        command, node = uses[kind]
+        raise JanusError(
+            f"'{args.model}' is a {kind.value} model, but `{args.command}` needs a {needed.value} model. Use "
+            f"`python -m janus_core {command}` for it (in ComfyUI: the {node} node), or pick a "
+            f"{needed.value} model for `{args.command}`."
+        )
+
+    short = None if looks_like_path(args.model) else known_name(args.model)
+    if short is not None:
+        refuse_unless_needed(KNOWN_RELEASES[short].kind)
     models_dir = Path(args.models_dir)
     path = resolve_model_path(args.model, [models_dir], download_dir=models_dir)
+    refuse_unless_needed(ModelKind.of(load_config(path)))
     return load_model(path, device=args.device, dtype=DTYPES[args.dtype])
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from janus_core.hub import PARTIAL_SUFFIX
+
 logger = logging.getLogger(__name__)
 
 FOLDER_KEY = "Janus"
@@ -20,7 +22,6 @@ EXTRA_FOLDER_NAMES = ("Janus-Pro",)  # where users of other Janus packs already 
 # folder_paths keys are case-sensitive; extra_model_paths.yaml users write any of these.
 FOLDER_KEY_ALIASES = ("janus", "janus-pro", "janus_pro")
 MAX_DEPTH = 3  # models/Janus/<name> or models/Janus/<org>/<name> (one more level for safety)
-PARTIAL_SUFFIX = ".partial"  # unfinished downloads (janus_core.hub)
 
 try:  # ComfyUI is importable only inside a ComfyUI process
     import comfy.model_management as _mm

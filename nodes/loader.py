@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from janus_core.hub import KNOWN_REPOS, is_model_folder, known_name, resolve_model_path
+from janus_core.errors import CheckpointError
+from janus_core.hub import KNOWN_RELEASES, download_model, escape_reason, is_model_folder, known_name
 from janus_core.llm import work_buffer_bytes
 from janus_core.model import JanusModel, default_dtype, load_model
 
@@ -65,21 +66,40 @@ def model_choices() -> list[str]:
             if name not in found:
                 found.append(name)
     present = {known_name(Path(name).name) for name in found}
-    missing = [short + DOWNLOAD_SUFFIX for short in KNOWN_REPOS if short not in present]
+    missing = [short + DOWNLOAD_SUFFIX for short in KNOWN_RELEASES if short not in present]
     return found + missing
 
 
-def local_model_folder(model: str) -> Path | None:
-    """The folder on disk for a combo value or absolute path, or None when it must be downloaded.
+def model_name(model: str) -> str:
+    """The combo value without the ``(download)`` mark, as a ``/``-separated name inside the model folders.
 
-    Order: an absolute model folder; ``<models dir>/<value>``; for a known release (``Janus-Pro-1B``, also
-    with the ``(download)`` mark), any listed folder of that name, e.g. ``models/Janus/deepseek-ai/Janus-Pro-1B``.
+    Raises CheckpointError for names that could leave the registered folders: absolute paths, drive letters,
+    ``~``, ``.``/``..`` or empty parts.
     """
     name = model.removesuffix(DOWNLOAD_SUFFIX).strip()
-    path = Path(name).expanduser()
-    if path.is_absolute():
-        return path if is_model_folder(path) else None
-    if any(comfy.skipped_folder(part) for part in path.parts):
+    if not name:
+        raise CheckpointError("No model chosen: pick a folder from models/Janus or a '(download)' entry.")
+    reason = escape_reason(name)
+    if reason is not None:
+        raise CheckpointError(
+            f"Model name '{name}' {reason}: the loader only takes names inside the model folders "
+            f"({_model_dirs_text()}). To use a checkpoint stored elsewhere, put a symlink to its folder there."
+        )
+    return name.replace("\\", "/")
+
+
+def _model_dirs_text() -> str:
+    return ", ".join(map(str, comfy.model_dirs())) or "none registered; set JANUS_MODELS_DIR"
+
+
+def local_model_folder(model: str) -> Path | None:
+    """The folder on disk for a combo value, or None when it must be downloaded (CheckpointError for bad names).
+
+    Order: ``<models dir>/<value>``; for a known release (``Janus-Pro-1B``, also with the ``(download)`` mark),
+    any listed folder of that name, e.g. ``models/Janus/deepseek-ai/Janus-Pro-1B``.
+    """
+    name = model_name(model)
+    if any(comfy.skipped_folder(part) for part in name.split("/")):
         return None  # hidden folders and unfinished downloads are never models
     dirs = comfy.model_dirs()
     for base in dirs:
@@ -94,11 +114,19 @@ def local_model_folder(model: str) -> Path | None:
     return None
 
 
+def _not_found(model: str) -> str:
+    return (f"Model '{model}' not found in the model folders ({_model_dirs_text()}). Put the checkpoint folder "
+            "there or pick a '(download)' entry.")
+
+
 class DSJanusModelLoader:
     DESCRIPTION = (
-        "Loads a DeepSeek Janus, Janus-Pro or JanusFlow checkpoint from models/Janus (or models/Janus-Pro). "
-        "Entries marked (download) are fetched from Hugging Face into models/Janus/<name> the first time "
-        "they run. An absolute folder path also works."
+        "Loads a DeepSeek Janus, Janus-Pro or JanusFlow checkpoint from the registered model folders: "
+        "models/Janus, models/Janus-Pro, 'janus' entries of extra_model_paths.yaml and JANUS_MODELS_DIR. "
+        "Names are relative to those folders; absolute paths and '..' are refused (put a symlink to a folder "
+        "stored elsewhere into models/Janus). Entries marked (download) are fetched from Hugging Face into "
+        "models/Janus/<name> the first time they run; an interrupted download stays in <name>.partial and "
+        "resumes on the next run."
     )
     CATEGORY = "Janus"
     RETURN_TYPES = ("DSJANUS_MODEL",)
@@ -109,8 +137,9 @@ class DSJanusModelLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (model_choices(), {"tooltip": "Checkpoint folder (holding config.json). '(download)' "
-                                            "entries are downloaded into models/Janus on first use."}),
+                "model": (model_choices(), {"tooltip": "Checkpoint folder (holding config.json) inside the model "
+                                            "folders. '(download)' entries are downloaded into models/Janus on "
+                                            "first use and resume if interrupted."}),
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": "Weight precision. auto: bf16 on GPUs "
                                          "that support it, else fp16 (VQ decoder kept fp32); bf16 on CPU."}),
                 "variant": (VARIANT_CHOICES, {"default": "auto", "tooltip": "Prompt roles. auto detects from "
@@ -121,25 +150,21 @@ class DSJanusModelLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model: str) -> bool | str:
-        """Accept listed names, known releases (downloaded on first run) and absolute model folder paths."""
-        name = model.removesuffix(DOWNLOAD_SUFFIX).strip()
-        if not name:
-            return "No model chosen: pick a folder from models/Janus or a '(download)' entry."
-        path = Path(name).expanduser()
-        if path.is_absolute():
-            if is_model_folder(path):
+        """Accept folders inside the model folders and known releases (downloaded on first run)."""
+        try:
+            if local_model_folder(model) is not None or known_name(model_name(model)):
                 return True
-            return f"'{name}' is not a model folder: it has no config.json (point to the checkpoint folder)."
-        if known_name(name) or local_model_folder(name) is not None:
-            return True
-        where = ", ".join(map(str, comfy.model_dirs())) or "(no model folders; set JANUS_MODELS_DIR)"
-        return f"Model '{model}' not found in {where}. Put the checkpoint folder there or pick a '(download)' entry."
+        except CheckpointError as exc:
+            return str(exc)
+        return _not_found(model)
 
     def load(self, model: str, dtype: str = "auto", variant: str = "auto"):
         path = local_model_folder(model)
         if path is None:  # a known release not on disk: download it now (only when chosen and run)
-            path = resolve_model_path(model.removesuffix(DOWNLOAD_SUFFIX).strip(), comfy.model_dirs(),
-                                      download_dir=comfy.download_dir())
+            short = known_name(model_name(model))
+            if short is None:
+                raise CheckpointError(_not_found(model))
+            path = download_model(KNOWN_RELEASES[short].repo_id, comfy.download_dir() / short)
         device = comfy.torch_device()
         torch_dtype = DTYPES[dtype] or default_dtype(device)
         # In ComfyUI the weights are read into the offload device; ready() moves them before each use.

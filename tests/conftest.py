@@ -20,3 +20,13 @@ def _deterministic_threads():
 def golden(model_dir: Path, name: str) -> dict:
     """Load ``<model_dir>/golden/<name>.safetensors`` as a dict of tensors."""
     return load_file(str(model_dir / "golden" / f"{name}.safetensors"))
+
+
+def node_model(folder: Path, dtype: str = "fp32"):
+    """The Janus Model Loader node's output for ``folder``, chosen by name as in ComfyUI (its parent folder is
+    the registered model folder, through ``JANUS_MODELS_DIR``)."""
+    from nodes.loader import DSJanusModelLoader
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("JANUS_MODELS_DIR", str(folder.parent))
+        return DSJanusModelLoader().load(folder.name, dtype=dtype)[0]

@@ -7,19 +7,19 @@ import nodes
 from janus_core.errors import JanusError
 from janus_core.generate_ar import build_cfg_pair, decode_image_tokens, generate_image_tokens
 from janus_core.generate_flow import generate_flow_latents, latent_to_sdxl_vae
-from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY
+from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, node_model
 
 N = nodes.NODE_CLASS_MAPPINGS
 
 
 @pytest.fixture(scope="module")
 def pro():
-    return N["DSJanusModelLoader"]().load(str(PRO_TINY.resolve()), "fp32", "auto")[0]
+    return node_model(PRO_TINY)
 
 
 @pytest.fixture(scope="module")
 def flow():
-    return N["DSJanusModelLoader"]().load(str(FLOW_TINY.resolve()), "fp32", "auto")[0]
+    return node_model(FLOW_TINY)
 
 
 def test_every_node_is_declared_completely():

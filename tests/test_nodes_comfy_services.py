@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY
+from conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, node_model
 from PIL import Image
 
+from janus_core.errors import CheckpointError
 from janus_core.generate_ar import IMAGE_TOKENS
 from janus_core.generate_flow import initial_noise, iter_flow_steps
 from nodes import comfy_services as cs
@@ -106,13 +107,31 @@ def test_validate_inputs_accepts(models_dir, value):
     assert DSJanusModelLoader.VALIDATE_INPUTS(value) is True
 
 
-def test_validate_inputs_absolute_paths(models_dir, tmp_path):
-    assert DSJanusModelLoader.VALIDATE_INPUTS(str(PRO_TINY)) is True
-    assert DSJanusModelLoader.VALIDATE_INPUTS(str(models_dir / "my-janus")) is True
-    message = DSJanusModelLoader.VALIDATE_INPUTS(str(tmp_path / "nowhere"))
-    assert isinstance(message, str) and "config.json" in message
-    message = DSJanusModelLoader.VALIDATE_INPUTS(str(models_dir / "empty"))
-    assert isinstance(message, str) and "config.json" in message
+@pytest.mark.parametrize(("value", "reason"), [
+    ("../outside/Janus-Pro-1B", "'..' part"), ("linked-tiny/../my-janus", "'..' part"),
+    ("./my-janus", "'.' or '..' part"), ("..\\outside\\Janus-Pro-1B", "'..' part"),
+    ("C:\\models\\Janus-Pro-1B", "drive letter"), ("C:Janus-Pro-1B", "drive letter"),
+    ("\\\\server\\share\\Janus-Pro-1B", "absolute path"), ("~/Janus-Pro-1B", "'~'"),
+    ("deepseek-ai//Janus-Pro-1B", "empty part"), ("my-janus/", "empty part"),
+])
+def test_names_outside_the_model_folders_are_refused(models_dir, value, reason):
+    outside = models_dir.parent / "outside"  # a real model that "../outside/Janus-Pro-1B" would reach
+    outside.mkdir()
+    (outside / "Janus-Pro-1B").symlink_to(PRO_TINY, target_is_directory=True)
+    message = DSJanusModelLoader.VALIDATE_INPUTS(value)
+    assert isinstance(message, str) and reason in message and str(models_dir) in message
+    with pytest.raises(CheckpointError, match="only takes names inside the model folders"):
+        DSJanusModelLoader().load(value)
+
+
+def test_absolute_paths_are_refused_even_inside_the_model_folders(models_dir, tmp_path):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "Janus-Pro-1B").symlink_to(PRO_TINY, target_is_directory=True)
+    for value in (str(PRO_TINY), str(models_dir / "my-janus"), str(tmp_path / "outside" / "Janus-Pro-1B")):
+        message = DSJanusModelLoader.VALIDATE_INPUTS(value)
+        assert isinstance(message, str) and "is an absolute path" in message and "symlink" in message
+        with pytest.raises(CheckpointError, match="is an absolute path"):
+            local_model_folder(value)
 
 
 @pytest.mark.parametrize("value", ["Janus-Pro-7B.partial", "not-a-model", "empty", "Janus-Pro-2B (download)", " "])
@@ -131,7 +150,6 @@ def test_local_model_folder(models_dir):
     # a known release found under another layout, with or without the download mark
     assert local_model_folder("JanusFlow-1.3B") == models_dir / "deepseek-ai" / "JanusFlow-1.3B"
     assert local_model_folder("JanusFlow-1.3B (download)") == models_dir / "deepseek-ai" / "JanusFlow-1.3B"
-    assert local_model_folder(str(PRO_TINY)) == PRO_TINY
     assert local_model_folder("Janus-Pro-1B (download)") is None  # must be downloaded
     assert local_model_folder("Janus-Pro-7B") is None  # only a .partial download exists
 
@@ -140,12 +158,12 @@ def test_local_model_folder(models_dir):
 
 @pytest.fixture(scope="module")
 def pro_handle() -> JanusModelHandle:
-    return DSJanusModelLoader().load(str(PRO_TINY), dtype="fp32")[0]
+    return node_model(PRO_TINY)
 
 
 @pytest.fixture(scope="module")
 def flow_handle() -> JanusModelHandle:
-    return DSJanusModelLoader().load(str(FLOW_TINY), dtype="fp32")[0]
+    return node_model(FLOW_TINY)
 
 
 def test_loader_by_name_and_plain_ready(models_dir):
