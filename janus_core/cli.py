@@ -1,73 +1,129 @@
-"""Command line: ``python -m janus_core {generate,flow,understand} ...``.
+"""Janus, Janus-Pro and JanusFlow from the command line: python -m janus_core SUBCOMMAND --help.
 
-``--model`` takes a checkpoint folder, a folder name under ``--models-dir``, or a known DeepSeek release
-(``deepseek-ai/Janus-Pro-1B``, ``Janus-Pro-7B``, ``Janus-1.3B``, ``JanusFlow-1.3B``), downloaded into
-``--models-dir`` the first time.
+  generate    text-to-image with Janus-1.3B / Janus-Pro (as the "Janus AR Token Sampler" node)
+  flow        text-to-image with JanusFlow-1.3B (as the "JanusFlow ODE Sampler" node + SDXL VAE)
+  understand  answer a question about one or more images (as the "Janus Image Understanding" node)
+
+--model takes a checkpoint folder, a folder name under --models-dir, or a known DeepSeek release
+(deepseek-ai/Janus-Pro-1B, Janus-Pro-7B, Janus-1.3B, JanusFlow-1.3B), downloaded into --models-dir the first time.
+Every mistake in the arguments or the files ends with one ERROR line saying what to do, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
+
+from .errors import JanusError
 
 logger = logging.getLogger("janus_core")
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one ERROR line (argparse prints the usage block and "error:" by default)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"ERROR {self.prog}: {message}; see {self.prog} --help\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks and shows every option's default (none for unset / flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _number(cast: type, what: str, ok: Callable[[float], bool] = lambda _: True) -> Callable[[str], float]:
+    """An argparse type: ``cast(text)`` if it is finite and ``ok``, else the message "'text' is not <what>"."""
+
+    def parse(text: str) -> float:
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, "a whole number >= 1", lambda v: v >= 1)
+NON_NEGATIVE_INT = _number(int, "a whole number >= 0", lambda v: v >= 0)
+SEED = _number(int, "a whole number in 0..2**64-1", lambda v: 0 <= v < 2**64)
+REAL = _number(float, "a finite number")
+NON_NEGATIVE_REAL = _number(float, "a number >= 0", lambda v: v >= 0)
+PROBABILITY = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder, or a known release such as "
                         "deepseek-ai/Janus-Pro-1B (downloaded into --models-dir when absent)")
-    parser.add_argument("--models-dir", default=os.environ.get("JANUS_MODELS_DIR", "models/Janus"),
-                        help="where model folders are looked up and downloaded (default: %(default)s)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--models-dir", metavar="DIR", default=os.environ.get("JANUS_MODELS_DIR", "models/Janus"),
+                        help="where model folders are looked up and downloaded ($JANUS_MODELS_DIR)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
                         help="weight precision (auto: bf16, or fp16 on GPUs without bf16)")
-    parser.add_argument("--seed", type=int, default=0, help="image/answer i uses seed + i")
+    parser.add_argument("--seed", type=SEED, metavar="N", default=0, help="image/answer i uses seed + i")
 
 
 def _generation(parser: argparse.ArgumentParser, cfg_default: float) -> None:
-    parser.add_argument("--prompt", required=True, help="what the image should show")
-    parser.add_argument("--negative", default=None, help="negative prompt (replaces the unconditional row)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--cfg-weight", type=float, default=cfg_default)
-    parser.add_argument("--out", default="outputs", help="folder for the PNG files (default: %(default)s)")
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="what the image should show")
+    parser.add_argument("--negative", default=None, metavar="TEXT",
+                        help="negative prompt (replaces the unconditional row)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, metavar="N", default=1, help="images per run")
+    parser.add_argument("--cfg-weight", type=REAL, metavar="X", default=cfg_default,
+                        help="classifier-free guidance strength (1 = no guidance)")
+    parser.add_argument("--out", default="outputs", metavar="DIR", help="folder for the PNG files")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m janus_core", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m janus_core", description=__doc__, formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,flow,understand}")
 
-    gen = sub.add_parser("generate", help="text-to-image with Janus / Janus-Pro (VQ tokens)")
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+
+    gen = command("generate", "text-to-image with Janus-1.3B / Janus-Pro (VQ tokens; not for JanusFlow: use flow)")
     _common(gen)
     _generation(gen, 5.0)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off, 1 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=NON_NEGATIVE_REAL, metavar="X", default=1.0,
+                     help="sampling temperature (> 0; 0 only with --top-k 1)")
+    gen.add_argument("--top-k", type=NON_NEGATIVE_INT, metavar="N", default=0, help="0 = off, 1 = greedy")
+    gen.add_argument("--top-p", type=PROBABILITY, metavar="X", default=1.0, help="nucleus sampling (1 = off)")
 
-    flow = sub.add_parser("flow", help="text-to-image with JanusFlow (rectified flow + SDXL VAE)")
+    flow = command("flow", "text-to-image with JanusFlow (rectified flow + SDXL VAE; needs: pip install diffusers)")
     _common(flow)
     _generation(flow, 2.0)
-    flow.add_argument("--steps", type=int, default=30)
-    flow.add_argument("--vae", default="stabilityai/sdxl-vae",
-                      help="diffusers SDXL VAE folder or repo id (needs: pip install diffusers)")
+    flow.add_argument("--steps", type=POSITIVE_INT, metavar="N", default=30, help="ODE steps")
+    flow.add_argument("--vae", metavar="PATH_OR_REPO", default="stabilityai/sdxl-vae",
+                      help="diffusers SDXL VAE folder, or a repo id (taken from the Hugging Face cache, else "
+                      "downloaded)")
 
-    und = sub.add_parser("understand", help="answer a question about one or more images")
+    und = command("understand", "answer a question about one or more images")
     _common(und)
-    und.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
-    und.add_argument("--question", default="Describe this image in detail.")
+    und.add_argument("--image", action="append", required=True, metavar="FILE", help="image file (repeat for several)")
+    und.add_argument("--question", metavar="TEXT", default="Describe this image in detail.", help="what to ask")
     und.add_argument("--all-images", action="store_true",
                      help="one answer about all images together instead of one per image")
-    und.add_argument("--max-new-tokens", type=int, default=512)
-    und.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    und.add_argument("--top-p", type=float, default=0.95)
+    und.add_argument("--max-new-tokens", type=POSITIVE_INT, metavar="N", default=512, help="longest answer, in tokens")
+    und.add_argument("--temperature", type=NON_NEGATIVE_REAL, metavar="X", default=0.0, help="0 = greedy")
+    und.add_argument("--top-p", type=PROBABILITY, metavar="X", default=0.95,
+                     help="nucleus sampling when temperature > 0")
     return parser
 
 
@@ -118,53 +174,87 @@ class _LogProgress:
             logger.info("%s: %d/%d", self.what, done, total)
 
 
-def _save(images: torch.Tensor, out: str, stem: str, seed: int) -> list[Path]:
+def _output_folder(out: str) -> Path:
+    """``--out`` created up front, so a bad folder fails before any model is loaded."""
+    folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise JanusError(f"--out {out} is a file; give a folder for the PNG files.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JanusError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); choose another "
+                         "folder.") from exc
+    return folder
+
+
+def _save(images: torch.Tensor, folder: Path, stem: str, seed: int) -> list[Path]:
     from PIL import Image
 
     from .images import to_uint8
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(to_uint8(images)):
         path = folder / f"{stem}_{seed + i}.png"
-        Image.fromarray(image.numpy()).save(path)
+        try:
+            Image.fromarray(image.numpy()).save(path)
+        except OSError as exc:
+            raise JanusError(f"Cannot write {path} ({exc.strerror or exc}); choose another --out folder.") from exc
         paths.append(path)
     return paths
+
+
+def _open_images(paths: Sequence[str]) -> list:
+    """Every ``--image`` file read as a PIL image, before any model is loaded."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            problem = "is a folder" if file.is_dir() else "does not exist"
+            raise JanusError(f"--image {path} {problem}; give an image file (PNG, JPEG, WebP, ...).")
+        try:
+            image = Image.open(file)
+            image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise JanusError(f"--image {path} is not an image Pillow can read ({type(exc).__name__}: {exc}); "
+                             "give a PNG, JPEG or WebP file.") from exc
+        images.append(image)
+    return images
 
 
 def _run_generate(args: argparse.Namespace) -> list[Path]:
     from .generate_ar import decode_image_tokens, generate_image_tokens
 
+    folder = _output_folder(args.out)
     model = _load(args)
     progress = _LogProgress("image tokens")
     tokens = generate_image_tokens(model, args.prompt, batch_size=args.batch_size, seed=args.seed,
                                    cfg_weight=args.cfg_weight, temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p, negative_prompt=args.negative,
                                    callback=lambda step, total, _: progress(step + 1, total))
-    return _save(decode_image_tokens(model, tokens), args.out, "janus", args.seed)
+    return _save(decode_image_tokens(model, tokens), folder, "janus", args.seed)
 
 
 def _run_flow(args: argparse.Namespace) -> list[Path]:
-    from .generate_flow import generate_flow_latents
+    from .generate_flow import build_flow_cfg, generate_flow_latents
     from .sdxl_vae import decode_latents, load_sdxl_vae
 
+    folder = _output_folder(args.out)
     model = _load(args)
+    pair = build_flow_cfg(model, args.prompt, args.batch_size, args.negative)  # refuses non-JanusFlow models
     vae_dtype = torch.float32 if model.device.type == "cpu" else torch.bfloat16
     vae = load_sdxl_vae(args.vae, device=model.device, dtype=vae_dtype)
-    latents = generate_flow_latents(model, args.prompt, batch_size=args.batch_size, seed=args.seed,
-                                    steps=args.steps, cfg_weight=args.cfg_weight, negative_prompt=args.negative,
+    latents = generate_flow_latents(model, pair, seed=args.seed, steps=args.steps, cfg_weight=args.cfg_weight,
                                     callback=_LogProgress("flow steps"))
-    return _save(decode_latents(vae, latents), args.out, "janusflow", args.seed)
+    return _save(decode_latents(vae, latents), folder, "janusflow", args.seed)
 
 
 def _run_understand(args: argparse.Namespace) -> list[str]:
-    from PIL import Image
-
     from .understanding import understand
 
+    images = _open_images(args.image)
     model = _load(args)
-    images = [Image.open(path) for path in args.image]
     progress = _LogProgress("answer tokens")
     return understand(model, images, args.question, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -172,11 +262,13 @@ def _run_understand(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import JanusError
+    """Run the command line; returns the exit code (0, 2 for a user error, 130 when interrupted)."""
+    from .model import resolve_device
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        resolve_device(args.device)  # before any download or load
         if args.command == "understand":
             for answer in _run_understand(args):
                 sys.stdout.write(answer.strip() + "\n")
@@ -186,5 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.write(f"{path}\n")
     except JanusError as exc:
         logger.error("%s", exc)
-        return 2
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return EXIT_INTERRUPTED
     return 0

@@ -73,8 +73,9 @@ def build_cfg_pair(model: JanusModel, prompt: str | PromptTokens, batch_size: in
 
 def _require_ar(model: JanusModel) -> None:
     if model.is_flow:
-        raise JanusError("JanusFlow generates images with the flow sampler, not with VQ tokens; use "
-                         "'Janus Flow Sampler' (generate_flow_latents) for this model.")
+        raise JanusError("JanusFlow generates images with the flow sampler, not with VQ tokens; use the "
+                         "'JanusFlow ODE Sampler' node (python -m janus_core flow; generate_flow_latents in Python) "
+                         "for this model.")
 
 
 def _prefill(model: JanusModel, pair: CFGPair, extra: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:

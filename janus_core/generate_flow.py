@@ -102,7 +102,8 @@ def _require_flow(model: JanusModel) -> None:
     if not model.is_flow:
         raise JanusError(
             f"This is a {model.variant} model (autoregressive VQ tokens); the flow sampler needs a JanusFlow "
-            "checkpoint such as JanusFlow-1.3B. Use the AR token sampler (generate_image_tokens) instead."
+            "checkpoint such as JanusFlow-1.3B. Use the 'Janus AR Token Sampler' node (python -m janus_core "
+            "generate; generate_image_tokens in Python) instead."
         )
 
 

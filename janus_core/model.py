@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoint import iter_checkpoint
 from .config import JanusConfig, load_config
-from .errors import CheckpointError
+from .errors import CheckpointError, JanusError
 from .llm import LlamaRunner, pack_projections, packed_slots
 from .modules.composite import JanusARNet, JanusFlowNet
 from .processor import ImagePreprocessor, JanusTokenizer
@@ -49,6 +49,36 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a ``torch.device`` this torch can run on; ``None`` -> :func:`default_device`."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise JanusError(f"Unknown device {str(device)!r}; use cuda, cuda:N, mps or cpu.") from exc
+    unavailable = f"Device {str(device)!r} is not available"
+    if resolved.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise JanusError(f"{unavailable}: this torch ({torch.__version__}) is a CPU-only build. Use cpu, or "
+                             "install a CUDA build of torch (pytorch.org).")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise JanusError(f"{unavailable}: torch sees {count} CUDA GPU(s); check the NVIDIA driver and "
+                             "CUDA_VISIBLE_DEVICES, or use cpu.")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise JanusError(f"{unavailable}: Apple MPS needs an Apple-silicon Mac; use cpu.")
+    return resolved
+
+
+def _readable_count(n: int) -> str:
+    """``1_490_000`` -> ``"1.49M"``, ``2_090_000_000`` -> ``"2.09B"``."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -196,7 +226,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     config = load_config(folder, variant=variant)
     tokenizer = JanusTokenizer(folder)
     image_processor = ImagePreprocessor.from_folder(folder)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     if not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating point torch dtype, got {dtype}")
@@ -210,7 +240,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     load_weights(net, config, folder, device, dtype)
     net.eval().requires_grad_(False)
     n_params = sum(p.numel() for p in net.parameters())
-    logger.info("%s: %.2fB parameters on %s as %s", config.variant, n_params / 1e9, device, dtype)
+    logger.info("%s: %s parameters on %s as %s", config.variant, _readable_count(n_params), device, dtype)
     return JanusModel(net, config, tokenizer, image_processor, folder, dtype)
 
 
@@ -219,4 +249,4 @@ def param_bytes(model: JanusModel) -> int:
     return sum(p.numel() * p.element_size() for p in model.net.parameters())
 
 
-__all__ = ["JanusModel", "load_model", "default_device", "default_dtype", "param_bytes"]
+__all__ = ["JanusModel", "load_model", "default_device", "default_dtype", "param_bytes", "resolve_device"]

@@ -6,7 +6,9 @@ VAE is loaded. Run the SDXL VAE in float32 or bfloat16: the original SDXL VAE ov
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,12 @@ DEFAULT_SDXL_VAE = "stabilityai/sdxl-vae"
 
 def load_sdxl_vae(path_or_repo: str | Path = DEFAULT_SDXL_VAE, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Any:
-    """Load a diffusers-format ``AutoencoderKL`` from a local folder or a Hugging Face repo id (downloads).
+    """Load a diffusers-format ``AutoencoderKL`` from a local folder or a Hugging Face repo id.
 
-    Returns the VAE in eval mode on ``device`` as ``dtype``. A single ``.safetensors`` file (ComfyUI's
-    ``models/vae/sdxl_vae.safetensors``) is not accepted: pass the folder holding ``config.json`` and
-    ``diffusion_pytorch_model.safetensors``, or the repo id.
+    Returns the VAE in eval mode on ``device`` as ``dtype``. A repo id is taken from the Hugging Face cache
+    when it is there, else downloaded (not when ``HF_HUB_OFFLINE`` is set). A single ``.safetensors`` file
+    (ComfyUI's ``models/vae/sdxl_vae.safetensors``) is not accepted: pass the folder holding ``config.json``
+    and ``diffusion_pytorch_model.safetensors``, or the repo id.
     """
     try:
         from diffusers import AutoencoderKL
@@ -39,19 +42,63 @@ def load_sdxl_vae(path_or_repo: str | Path = DEFAULT_SDXL_VAE, device: torch.dev
     if local.is_file():
         raise JanusError(f"{local} is a single file; pass the diffusers VAE folder (config.json + "
                          f"diffusion_pytorch_model.safetensors) or a repo id such as '{DEFAULT_SDXL_VAE}'.")
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise JanusError(f"{local} has no config.json; it is not a diffusers AutoencoderKL folder.")
-        source = str(local)
     if dtype == torch.float16:
         logger.warning("The SDXL VAE overflows in float16 (black or NaN images) unless it is an fp16-fixed "
                        "VAE; prefer bfloat16 or float32.")
-    vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise JanusError(f"{local} has no config.json; it is not a diffusers AutoencoderKL folder.")
+        vae = _from_pretrained(AutoencoderKL, str(local), dtype)
+    else:
+        vae = _from_hub(AutoencoderKL, source, dtype)
     scaling = getattr(vae.config, "scaling_factor", None)
     if scaling is not None and abs(scaling - SDXL_VAE_SCALING) > 1e-6:
         logger.warning("VAE %s has scaling_factor %s, not SDXL's %s; JanusFlow latents need the SDXL VAE.",
                        source, scaling, SDXL_VAE_SCALING)
     return vae.to(device).eval().requires_grad_(False)
+
+
+def _from_pretrained(autoencoder_cls: Any, source: str, dtype: torch.dtype, **kwargs: Any) -> Any:
+    """``from_pretrained`` without the two diffusers notices that ask nothing of the user.
+
+    Without ``accelerate``, diffusers falls back to ``low_cpu_mem_usage=False`` and logs "install accelerate"
+    each time (passing the fallback explicitly avoids that); and it passes huggingface_hub a deprecated
+    ``local_dir_use_symlinks`` argument, which warns on every hub lookup.
+    """
+    if importlib.util.find_spec("accelerate") is None:
+        kwargs["low_cpu_mem_usage"] = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+        return autoencoder_cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
+
+
+def _from_hub(autoencoder_cls: Any, repo_id: str, dtype: torch.dtype) -> Any:
+    """The VAE ``repo_id`` from the Hugging Face cache, else downloaded; every failure is one clear error."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    use_folder = ("pass a local diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors; "
+                  "--vae on the command line)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise JanusError(f"VAE '{repo_id}' is neither an existing folder nor a Hugging Face repo id; "
+                         f"{use_folder} or a repo id such as '{DEFAULT_SDXL_VAE}'.") from exc
+    try:
+        return _from_pretrained(autoencoder_cls, repo_id, dtype, local_files_only=True)
+    except OSError:
+        pass  # not in the cache
+    if constants.HF_HUB_OFFLINE:
+        raise JanusError(f"The VAE '{repo_id}' is not in the Hugging Face cache and downloads are off "
+                         f"(HF_HUB_OFFLINE is set): {use_folder}, or run once with network access.")
+    try:  # one request without retries: no network answers in seconds, not after a minute of back-off
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=10)
+        logger.info("downloading the VAE %s into the Hugging Face cache", repo_id)
+        return _from_pretrained(autoencoder_cls, repo_id, dtype)
+    except Exception as exc:  # network, HTTP and hub errors of every huggingface_hub version
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise JanusError(f"Cannot get the VAE '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: "
+                         f"{reason}). Check the network and the repo id, or {use_folder}.") from exc
 
 
 @torch.inference_mode()
