@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .errors import CheckpointError, JanusError
+from .images import pil_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,9 @@ class ImagePreprocessor:
         return tuple(int(m * 255) for m in self.image_mean)
 
     def resize_and_pad(self, image: Image.Image) -> Image.Image:
-        """RGB PIL image -> square ``image_size`` PIL image (long side fitted, short side padded grey)."""
-        image = image.convert("RGB")
+        """PIL image (any mode, see :func:`images.pil_to_rgb`) -> square ``image_size`` RGB PIL image (long
+        side fitted, short side padded grey)."""
+        image = pil_to_rgb(image, self.background)
         width, height = image.size
         longest = max(width, height)
         new_h = max(int(height / longest * self.image_size), self.min_size)

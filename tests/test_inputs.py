@@ -1,0 +1,219 @@
+"""User inputs: IMAGE tensors and PIL images of every mode, on the tiny fixtures."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nodes
+from janus_core import JanusError
+from janus_core.images import image_tensor_to_uint8, pil_to_rgb, to_pil_images
+from janus_core.understanding import understand
+from tests.conftest import IMAGE_PATH, PRO_TINY
+
+GREY = (127, 127, 127)  # the Janus processors' padding colour (image_mean 0.5)
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    return np.asarray(Image.open(IMAGE_PATH).convert("RGB"))
+
+
+def as_array(image: Image.Image) -> np.ndarray:
+    assert image.mode == "RGB"
+    return np.asarray(image).astype(np.int64)
+
+
+def grey3(values: np.ndarray) -> np.ndarray:
+    return np.repeat(np.asarray(values, dtype=np.int64)[..., None], 3, axis=-1)
+
+
+# ---------------------------------------------------------------- IMAGE tensors
+
+
+@pytest.mark.parametrize("dtype, levels", [(torch.float32, 0), (torch.float64, 0), (torch.float16, 0),
+                                           (torch.bfloat16, 1)])
+def test_float_tensors_in_0_1_give_the_8_bit_pixels(rgb, dtype, levels):
+    tensor = (torch.from_numpy(rgb.copy()).double() / 255).to(dtype)[None]
+    got = image_tensor_to_uint8(tensor)[0].numpy().astype(np.int64)
+    assert np.abs(got - rgb).max() <= levels
+
+
+def test_uint8_tensor_is_taken_exactly(rgb, flow):
+    tensor = torch.from_numpy(rgb.copy())[None]
+    assert np.array_equal(image_tensor_to_uint8(tensor)[0].numpy(), rgb)
+    floats = tensor.float() / 255
+    assert understand(flow, tensor, "Describe.", max_new_tokens=4) == understand(flow, floats, "Describe.",
+                                                                               max_new_tokens=4)
+
+
+def test_rounding_noise_outside_0_1_is_clamped():
+    tensor = torch.tensor([-4e-4, 0.5, 1 + 4e-4]).view(1, 1, 3, 1).expand(1, 1, 3, 3)
+    assert image_tensor_to_uint8(tensor)[0, 0, :, 0].tolist() == [0, 128, 255]
+
+
+@pytest.mark.parametrize("values, phrases", [
+    (torch.linspace(0, 255, 12), ["from 0 to 255", "divide them by 255"]),
+    (torch.linspace(-1, 1, 12), ["from -1 to 1", "(x + 1) / 2"]),
+    (torch.linspace(0, 1.01, 12), ["to 1.01", "must be in 0..1"]),
+    (torch.linspace(-3, 700, 12), ["from -3 to 700", "rescale it to 0..1"]),
+    (torch.tensor([0.5] * 11 + [float("nan")]), ["1 NaN/infinite"]),
+    (torch.tensor([0.5] * 10 + [float("inf"), -float("inf")]), ["2 NaN/infinite"]),
+])
+def test_float_tensors_outside_0_1_are_refused(values, phrases):
+    with pytest.raises(JanusError) as info:
+        image_tensor_to_uint8(values.view(1, 2, 2, 3))
+    for phrase in phrases:
+        assert phrase in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.complex64])
+def test_other_tensor_dtypes_are_refused(dtype):
+    with pytest.raises(JanusError, match=f"dtype {dtype}; images must be floats in 0..1"):
+        image_tensor_to_uint8(torch.zeros(1, 2, 2, 3, dtype=dtype))
+
+
+def test_understand_and_node_refuse_a_0_255_image(pro, rgb):
+    tensor = torch.from_numpy(rgb.copy()).float()[None]
+    with pytest.raises(JanusError, match="divide them by 255"):
+        understand(pro, tensor, "Describe.", max_new_tokens=2)
+    handle = nodes.NODE_CLASS_MAPPINGS["DSJanusModelLoader"]().load(str(PRO_TINY.resolve()), "fp32", "auto")[0]
+    with pytest.raises(JanusError, match="divide them by 255"):
+        nodes.NODE_CLASS_MAPPINGS["DSJanusUnderstand"]().answer(handle, tensor, "Describe.", "per image", 2, 0.0,
+                                                                0.95, 0)
+
+
+# ---------------------------------------------------------------- PIL modes
+
+LEVELS = np.arange(256, dtype=np.int64).reshape(16, 16)
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff"])
+def test_16_bit_grey_file_equals_its_8_bit_version(tmp_path, fmt):
+    path = tmp_path / f"grey16.{fmt}"
+    Image.fromarray((LEVELS * 257).astype(np.uint16)).save(path)
+    Image.fromarray(LEVELS.astype(np.uint8)).save(tmp_path / f"grey8.{fmt}")
+    sixteen, eight = Image.open(path), Image.open(tmp_path / f"grey8.{fmt}")
+    assert sixteen.mode.startswith("I") and eight.mode == "L"
+    expected = grey3(LEVELS)
+    assert np.abs(as_array(pil_to_rgb(sixteen, GREY)) - expected).max() <= 1
+    assert np.array_equal(as_array(pil_to_rgb(eight, GREY)), expected)
+
+
+def test_16_bit_is_scaled_not_clipped():
+    values = np.array([[0, 256, 32768, 65535]], dtype=np.uint16)
+    big_endian = Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
+    expected = grey3(np.rint(values / 257.0))
+    assert expected[0, 1, 0] == 1 and expected[0, 2, 0] == 128
+    for image in (Image.fromarray(values), big_endian, Image.fromarray(values.astype(np.int32))):
+        assert image.mode in ("I;16", "I;16B", "I")
+        assert np.array_equal(as_array(pil_to_rgb(image, GREY)), expected)
+
+
+@pytest.mark.parametrize("values", [[0, 70000], [-1, 100]])
+def test_32_bit_integer_images_outside_16_bit_are_refused(values):
+    image = Image.fromarray(np.array([values], dtype=np.int32))
+    with pytest.raises(JanusError, match=f"values from {values[0]} to {values[1]}.*16-bit"):
+        pil_to_rgb(image, GREY)
+
+
+def test_float_images_are_0_1():
+    image = Image.fromarray((LEVELS / 255.0).astype(np.float32))
+    assert image.mode == "F"
+    assert np.array_equal(as_array(pil_to_rgb(image, GREY)), grey3(LEVELS))
+    with pytest.raises(JanusError, match="from 0 to 255.*divide them by 255"):
+        pil_to_rgb(Image.fromarray(LEVELS.astype(np.float32)), GREY)
+    with pytest.raises(JanusError, match="NaN"):
+        pil_to_rgb(Image.fromarray(np.array([[0.5, np.nan]], dtype=np.float32)), GREY)
+
+
+def composite(rgb: np.ndarray, alpha: np.ndarray, background=GREY) -> np.ndarray:
+    a = alpha[..., None].astype(np.float64) / 255
+    return np.rint(rgb * a + np.asarray(background) * (1 - a)).astype(np.int64)
+
+
+def test_alpha_is_composited_over_the_background(rgb):
+    alpha = np.random.default_rng(0).integers(0, 256, rgb.shape[:2], dtype=np.uint8)
+    rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    assert np.abs(as_array(pil_to_rgb(rgba, GREY)) - composite(rgb, alpha)).max() <= 1
+    grey = rgb[..., 0]
+    la = Image.fromarray(np.dstack([grey, alpha]), "LA")
+    assert np.abs(as_array(pil_to_rgb(la, (10, 200, 30))) - composite(grey3(grey), alpha, (10, 200, 30))).max() <= 1
+    # premultiplied La: out = L_premultiplied + background * (1 - alpha)
+    premultiplied = np.array([[[100, 128], [100, 255], [0, 0], [200, 200]]], dtype=np.uint8)
+    image = Image.frombytes("La", (4, 1), premultiplied.tobytes())
+    expected = np.rint(premultiplied[..., 0] + 127 * (255 - premultiplied[..., 1].astype(np.float64)) / 255)
+    assert np.abs(as_array(pil_to_rgb(image, GREY)) - grey3(expected)).max() <= 1
+
+
+def test_palette_images_with_transparency():
+    palette = [10, 20, 30, 200, 100, 50, 0, 255, 0]
+    indices = np.array([[0, 1, 2, 1]], dtype=np.uint8)
+    keyed = Image.fromarray(indices, "P")
+    keyed.putpalette(palette)
+    assert np.array_equal(as_array(pil_to_rgb(keyed, GREY)), [[[10, 20, 30], [200, 100, 50], [0, 255, 0],
+                                                                [200, 100, 50]]])
+    keyed.info["transparency"] = 0
+    assert np.array_equal(as_array(pil_to_rgb(keyed, GREY)), [[GREY, [200, 100, 50], [0, 255, 0], [200, 100, 50]]])
+    keyed.info["transparency"] = bytes([255, 0, 128])  # per-entry alpha
+    expected = composite(np.array([[[10, 20, 30], [200, 100, 50], [0, 255, 0], [200, 100, 50]]]),
+                         np.array([[255, 0, 128, 0]]))
+    assert np.abs(as_array(pil_to_rgb(keyed, GREY)) - expected).max() <= 1
+    pa = Image.frombytes("PA", (4, 1), np.dstack([indices, [[255, 0, 64, 255]]]).astype(np.uint8).tobytes())
+    pa.putpalette(palette)
+    expected = composite(np.array([[[10, 20, 30], [200, 100, 50], [0, 255, 0], [200, 100, 50]]]),
+                         np.array([[255, 0, 64, 255]]))
+    assert np.abs(as_array(pil_to_rgb(pa, GREY)) - expected).max() <= 1
+
+
+def test_rgb_with_a_transparent_colour_key():
+    image = Image.fromarray(np.array([[[10, 20, 30], [1, 2, 3]]], dtype=np.uint8))
+    image.info["transparency"] = (1, 2, 3)
+    assert np.array_equal(as_array(pil_to_rgb(image, GREY)), [[[10, 20, 30], GREY]])
+
+
+def test_colour_spaces_and_bilevel():
+    cmyk = np.array([[[255, 0, 0, 0], [0, 255, 0, 0], [0, 0, 255, 0], [0, 0, 0, 128], [0, 0, 0, 0]]], np.uint8)
+    expected = [[[0, 255, 255], [255, 0, 255], [255, 255, 0], [127, 127, 127], [255, 255, 255]]]
+    assert np.array_equal(as_array(pil_to_rgb(Image.frombytes("CMYK", (5, 1), cmyk.tobytes()), GREY)), expected)
+
+    ycc = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    y, cb, cr = (ycc[..., i].astype(np.float64) - (0, 128, 128)[i] for i in range(3))
+    jfif = np.clip(np.rint(np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1)), 0, 255)
+    got = as_array(pil_to_rgb(Image.frombytes("YCbCr", (8, 8), ycc.tobytes()), GREY))
+    assert np.abs(got - jfif).max() <= 1
+
+    hsv = np.array([[[0, 255, 255], [85, 255, 255], [0, 0, 77]]], dtype=np.uint8)
+    got = as_array(pil_to_rgb(Image.frombytes("HSV", (3, 1), hsv.tobytes()), GREY))
+    assert np.abs(got - [[[255, 0, 0], [0, 255, 0], [77, 77, 77]]]).max() <= 1
+
+    # Pillow's LAB: L* scaled to 0..255, a*/b* signed bytes. Neutral greys: L* 50 is sRGB 119 (any white point)
+    lab = np.array([[[255, 0, 0], [0, 0, 0], [128, 0, 0]]], dtype=np.uint8)
+    got = as_array(pil_to_rgb(Image.frombytes("LAB", (3, 1), lab.tobytes()), GREY))
+    assert np.abs(got - [[[255, 255, 255], [0, 0, 0], [119, 119, 119]]]).max() <= 2
+
+    bits = np.array([[True, False, True]])
+    assert np.array_equal(as_array(pil_to_rgb(Image.fromarray(bits), GREY)), grey3(bits * 255))
+    assert np.array_equal(as_array(pil_to_rgb(Image.fromarray(LEVELS.astype(np.uint8)), GREY)), grey3(LEVELS))
+    rgbx = Image.frombytes("RGBX", (1, 1), bytes([1, 2, 3, 99]))
+    assert np.array_equal(as_array(pil_to_rgb(rgbx, GREY)), [[[1, 2, 3]]])
+
+
+def test_the_model_sees_a_16_bit_image_as_its_8_bit_version(tmp_path, pro, rgb):
+    grey = rgb[..., 1].astype(np.uint16)
+    Image.fromarray(grey * 257).save(tmp_path / "grey16.png")
+    sixteen, eight = Image.open(tmp_path / "grey16.png"), Image.fromarray(grey.astype(np.uint8))
+    assert torch.equal(pro.image_processor(sixteen), pro.image_processor(eight))
+    assert understand(pro, [sixteen], "Describe.", max_new_tokens=4) == understand(pro, [eight], "Describe.",
+                                                                                 max_new_tokens=4)
+
+
+def test_bad_image_lists():
+    with pytest.raises(JanusError, match="Image 1 is a str"):
+        to_pil_images([Image.new("RGB", (4, 4)), "b.png"], GREY)
+    with pytest.raises(JanusError, match="Image 0: A mode 'F'"):
+        to_pil_images([Image.fromarray(np.full((2, 2), 7.0, dtype=np.float32))], GREY)
+    with pytest.raises(JanusError, match="No images"):
+        to_pil_images("a.png", GREY)
+    single = to_pil_images(Image.new("L", (3, 2), 9), GREY)
+    assert len(single) == 1 and np.array_equal(as_array(single[0]), np.full((2, 3, 3), 9))
