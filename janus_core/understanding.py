@@ -18,12 +18,13 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
+from .arguments import whole_number
 from .errors import JanusError
 from .images import ImagesArg, to_pil_images
 from .llm import KVCache
 from .model import JanusModel
 from .processor import UnderstandingInputs, understanding_inputs
-from .sampling import check_sampling_args, row_generators, sample_next
+from .sampling import check_sampling_args, check_seed, row_generators, sample_next
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +151,9 @@ def understand(model: JanusModel, images: ImagesArg, question: str, max_new_toke
     generation and propagates.
     """
     _check_question(question)
-    if max_new_tokens < 1 or int(max_new_tokens) != max_new_tokens:
-        raise JanusError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
-    max_new_tokens = int(max_new_tokens)
-    if temperature < 0:
-        raise JanusError(f"temperature must be >= 0 (0 = greedy, deterministic), got {temperature}.")
-    check_sampling_args(temperature, 0, top_p, greedy_at_zero=True)
+    max_new_tokens = whole_number("max_new_tokens", max_new_tokens, minimum=1)
+    temperature, _, top_p = check_sampling_args(temperature, 0, top_p, greedy_at_zero=True)
+    seed = check_seed(seed)
     pil = to_pil_images(images, model.image_processor.background)
 
     groups = [[image] for image in pil] if per_image else [pil]

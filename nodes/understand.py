@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from janus_core.images import to_pil_images
+from janus_core.sampling import SEED_MAX
 from janus_core.understanding import understand
 
 from . import comfy_services as comfy
 from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes
-from .text_to_image import SEED_MAX, model_input
+from .text_to_image import model_input
 
 MODES = ["per image", "all images in one question"]
 IMAGE_BLOCK = 577  # image positions per image (576; JanusFlow adds a begin-of-understanding embedding)

@@ -1,4 +1,4 @@
-"""User inputs: IMAGE tensors and PIL images of every mode, on the tiny fixtures."""
+"""User inputs: IMAGE tensors, PIL images of every mode, sampling numbers and seeds, on the tiny fixtures."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,10 @@ from PIL import Image
 
 import nodes
 from janus_core import JanusError
+from janus_core.generate_ar import build_cfg_pair, generate_image_tokens
+from janus_core.generate_flow import build_flow_cfg, generate_flow_latents, initial_noise
 from janus_core.images import image_tensor_to_uint8, pil_to_rgb, to_pil_images
+from janus_core.sampling import SEED_MAX, row_generators
 from janus_core.understanding import understand
 from tests.conftest import IMAGE_PATH, PRO_TINY
 
@@ -217,3 +220,88 @@ def test_bad_image_lists():
         to_pil_images("a.png", GREY)
     single = to_pil_images(Image.new("L", (3, 2), 9), GREY)
     assert len(single) == 1 and np.array_equal(as_array(single[0]), np.full((2, 3, 3), 9))
+
+
+# ---------------------------------------------------------------- numbers and seeds
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    (dict(cfg_weight=NAN), "cfg_weight must be a finite number, got nan"),
+    (dict(cfg_weight=INF), "cfg_weight must be a finite number, got inf"),
+    (dict(cfg_weight=-0.5), "cfg_weight must be >= 0"),
+    (dict(cfg_weight="5"), "cfg_weight must be a number, got '5'"),
+    (dict(temperature=NAN), "temperature must be a finite number"),
+    (dict(temperature=INF), "temperature must be a finite number"),
+    (dict(top_p=NAN), "top_p must be a finite number"),
+    (dict(top_k=2.5), r"top_k must be a whole number \(int\), got 2.5"),
+    (dict(top_k=True), "top_k must be a whole number"),
+    (dict(seed=1.7), "seed must be a whole number"),
+    (dict(seed=3.0), "seed must be a whole number"),
+    (dict(seed=True), "seed must be a whole number"),
+    (dict(seed="5"), "seed must be a whole number"),
+    (dict(seed=-1), "seed must be >= 0"),
+    (dict(seed=2**64), f"seed must be <= {2**64 - 1}"),
+    (dict(batch_size=2.5), "batch_size must be a whole number"),
+    (dict(batch_size=2.0), "batch_size must be a whole number"),
+    (dict(batch_size=False), "batch_size must be a whole number"),
+])
+def test_ar_arguments(pro, kwargs, phrase):
+    args = dict(prompt="A red cube.", top_k=1) | kwargs
+    with pytest.raises(JanusError, match=phrase):
+        generate_image_tokens(pro, **args)
+
+
+@pytest.mark.parametrize("call, phrase", [
+    (lambda m: generate_flow_latents(m, "a cat", steps=2.5), "steps must be a whole number"),
+    (lambda m: generate_flow_latents(m, "a cat", steps=True), "steps must be a whole number"),
+    (lambda m: generate_flow_latents(m, "a cat", steps=1, cfg_weight=INF), "cfg_weight must be a finite"),
+    (lambda m: generate_flow_latents(m, "a cat", steps=1, seed=1.7), "seed must be a whole number"),
+    (lambda m: generate_flow_latents(m, "a cat", steps=1, seed=2**64), "seed must be <="),
+    (lambda m: generate_flow_latents(m, "a cat", batch_size=2.5, steps=1), "batch_size must be a whole number"),
+    (lambda m: build_flow_cfg(m, "a cat", negative_prompt=5), "negative prompt as text"),
+    (lambda m: initial_noise(m, 1, -3), "seed must be >= 0"),
+])
+def test_flow_arguments(flow, call, phrase):
+    with pytest.raises(JanusError, match=phrase):
+        call(flow)
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number"),
+    (dict(max_new_tokens=True), "max_new_tokens must be a whole number"),
+    (dict(temperature=NAN), "temperature must be a finite number"),
+    (dict(temperature=1.0, top_p=INF), "top_p must be a finite number"),
+    (dict(seed=1.7), "seed must be a whole number"),
+    (dict(seed=2**64), "seed must be <="),
+])
+def test_understanding_arguments(pro, kwargs, phrase):
+    with pytest.raises(JanusError, match=phrase):
+        understand(pro, [Image.new("RGB", (8, 8))], "Describe.", **kwargs)
+
+
+def test_seed_rule_wraps_at_2_64_and_keeps_todays_streams(flow):
+    cpu = torch.device("cpu")
+    assert [g.initial_seed() for g in row_generators(SEED_MAX - 1, 4, cpu)] == [SEED_MAX - 1, SEED_MAX, 0, 1]
+    for seed in (0, 12345, 2**63 - 3):  # below 2**63: exactly the streams of torch.Generator().manual_seed(seed + i)
+        for i, g in enumerate(row_generators(seed, 2, cpu)):
+            reference = torch.Generator().manual_seed(seed + i)
+            assert torch.equal(torch.randn(8, generator=g), torch.randn(8, generator=reference))
+    wrapped = initial_noise(flow, 3, SEED_MAX)
+    assert torch.equal(wrapped[1:], initial_noise(flow, 2, 0))
+    assert torch.equal(wrapped[:1], initial_noise(flow, 1, SEED_MAX))
+
+
+def test_numpy_and_torch_integers_are_whole_numbers(flow, pro):
+    expected = initial_noise(flow, 2, 5)
+    for seed in (np.int64(5), np.uint64(5), torch.tensor(5)):
+        assert torch.equal(initial_noise(flow, 2, seed), expected)
+    assert build_cfg_pair(pro, "a cat", batch_size=np.int32(3)).batch_size == 3
+
+
+def test_seed_widgets_cover_comfyuis_range():
+    mapping = nodes.NODE_CLASS_MAPPINGS
+    for name in ("DSJanusARSampler", "DSJanusFlowSampler", "DSJanusUnderstand"):
+        seed = mapping[name].INPUT_TYPES()["required"]["seed"]
+        assert seed[0] == "INT" and seed[1]["min"] == 0 and seed[1]["max"] == 0xFFFFFFFFFFFFFFFF
