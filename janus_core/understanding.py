@@ -23,17 +23,12 @@ from .errors import JanusError
 from .images import ImagesArg, to_pil_images
 from .llm import KVCache
 from .model import JanusModel
-from .processor import UnderstandingInputs, understanding_inputs
+from .processor import UnderstandingInputs, check_question, understanding_inputs
 from .sampling import check_sampling_args, check_seed, row_generators, sample_next
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[int, int], None]
-
-
-def _check_question(question: str) -> None:
-    if not isinstance(question, str) or not question.strip():
-        raise JanusError("The question is empty; type what you want to know about the image(s).")
 
 
 def _prompt_inputs(model: JanusModel, question: str, num_images: int, system_prompt: str | None
@@ -70,7 +65,7 @@ def understanding_embeds(model: JanusModel, images: ImagesArg, question: str,
 
     ``system_prompt`` None uses DeepSeek's default, ``""`` none.
     """
-    _check_question(question)
+    check_question(question)
     pil = to_pil_images(images, model.image_processor.background)
     inputs = _prompt_inputs(model, question, len(pil), system_prompt)
     return _fuse(model, inputs, _image_features(model, pil)), inputs
@@ -150,7 +145,7 @@ def understand(model: JanusModel, images: ImagesArg, question: str, max_new_toke
     ``callback(step, max_new_tokens)`` runs after every generated token; an exception it raises stops
     generation and propagates.
     """
-    _check_question(question)
+    check_question(question)
     max_new_tokens = whole_number("max_new_tokens", max_new_tokens, minimum=1)
     temperature, _, top_p = check_sampling_args(temperature, 0, top_p, greedy_at_zero=True)
     seed = check_seed(seed)
