@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .arguments import whole_number
 from .errors import JanusError
 from .images import images_from_decoded
 from .llm import KVCache
 from .model import JanusModel
 from .prompts import IMAGE_TOKENS, PromptTokens, check_same_model, encode_prompt, model_key
-from .sampling import cfg_mix, check_sampling_args, row_generators, sample_next
+from .sampling import cfg_mix, check_guidance_weight, check_sampling_args, check_seed, row_generators, sample_next
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ def build_cfg_pair(model: JanusModel, prompt: str | PromptTokens, batch_size: in
     """The reference CFG rows (uncond = BOS + pads + ``<begin_of_image>``) or, with a negative prompt, that
     prompt's rows as the unconditional branch."""
     _require_ar(model)
-    if int(batch_size) < 1:
-        raise JanusError(f"batch_size must be >= 1, got {batch_size}.")
+    batch_size = whole_number("batch_size", batch_size, minimum=1)
     cond = prompt if isinstance(prompt, PromptTokens) else encode_prompt(model, prompt)
     _check_prompt_model(model, cond, "prompt")
     negative_text = None
@@ -68,7 +68,7 @@ def build_cfg_pair(model: JanusModel, prompt: str | PromptTokens, batch_size: in
         _check_prompt_model(model, neg, "negative prompt")
         uncond_ids = neg.ids
         negative_text = neg.text
-    return CFGPair(cond.ids, uncond_ids, int(batch_size), model.variant, model_key(model), negative_text)
+    return CFGPair(cond.ids, uncond_ids, batch_size, model.variant, model_key(model), negative_text)
 
 
 def _require_ar(model: JanusModel) -> None:
@@ -133,11 +133,14 @@ def generate_image_tokens(model: JanusModel, prompt: str | PromptTokens | CFGPai
     """Sample ``[B, 576]`` VQ token ids (LongTensor, raster order over the 24x24 grid) for ``prompt``.
 
     ``prompt`` is text, a :class:`PromptTokens` or a :class:`CFGPair` (then ``batch_size`` and
-    ``negative_prompt`` come from the pair). ``top_k=1`` is greedy. Image ``i`` uses seed ``seed + i``.
+    ``negative_prompt`` come from the pair). ``top_k=1`` is greedy. Image ``i`` uses seed ``seed + i``
+    (mod 2**64; ``seed`` in 0..2**64 - 1). ``cfg_weight`` >= 0 (1 = no guidance).
     ``callback(step, total, tokens_so_far [B, step + 1])`` runs after every token; raising stops the loop.
     """
     _require_ar(model)
-    check_sampling_args(temperature, top_k, top_p)
+    temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
+    cfg_weight = check_guidance_weight(cfg_weight)
+    seed = check_seed(seed)
     if isinstance(prompt, CFGPair):
         pair = prompt
         _check_prompt_model(model, pair, "CFG pair")

@@ -20,17 +20,17 @@ See :func:`latent_to_sdxl_vae` for what ComfyUI's ``LATENT`` holds.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from .arguments import whole_number
 from .errors import JanusError
 from .llm import KVCache
 from .model import JanusModel
 from .prompts import IMAGE_TOKENS, check_same_model, encode_prompt, model_key
-from .sampling import row_generators
+from .sampling import check_guidance_weight, check_seed, row_generators
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +116,10 @@ def build_flow_cfg(model: JanusModel, prompt: str, batch_size: int = 1,
     of the two prompts is left-padded with masked pads.
     """
     _require_flow(model)
-    if int(batch_size) < 1:
-        raise JanusError(f"batch_size must be >= 1, got {batch_size}.")
-    b = int(batch_size)
+    b = whole_number("batch_size", batch_size, minimum=1)
     cond = encode_prompt(model, prompt).ids.tolist()
     pad = model.tokenizer.pad_id
-    if negative_prompt is None or not negative_prompt.strip():
+    if negative_prompt is None or (isinstance(negative_prompt, str) and not negative_prompt.strip()):
         negative_prompt = None
         uncond = [cond[0]] + [pad] * (len(cond) - 1)
         uncond_valid = [True] + [False] * (len(cond) - 1)
@@ -160,28 +158,29 @@ def _latent_shape(model: JanusModel, batch: int) -> tuple[int, int, int, int]:
 def initial_noise(model: JanusModel, batch_size: int, seed: int) -> torch.Tensor:
     """Starting latent ``[B, 4, 48, 48]`` in the model's dtype and device.
 
-    Row ``i`` is drawn with its own CPU generator seeded ``seed + i`` (:func:`sampling.row_generators`), in
-    float32, then cast; so results do not depend on the device, and image ``i`` can be regenerated alone.
+    Row ``i`` is drawn with its own CPU generator seeded ``seed + i`` (mod 2**64, :func:`sampling.row_generators`),
+    in float32, then cast; so results do not depend on the device, and image ``i`` can be regenerated alone.
     (The reference draws with the global CPU generator directly in bfloat16.)
     """
     shape = _latent_shape(model, 1)
-    gens = row_generators(seed, batch_size, torch.device("cpu"))
+    gens = row_generators(seed, whole_number("batch_size", batch_size, minimum=1), torch.device("cpu"))
     z = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
     return z.to(device=model.device, dtype=model.dtype)
 
 
-def _check_run_args(model: JanusModel, pair: FlowCFG, z: torch.Tensor, steps: int, cfg_weight: float) -> None:
+def _check_run_args(model: JanusModel, pair: FlowCFG, z: torch.Tensor, steps: int, cfg_weight: float
+                    ) -> tuple[int, float]:
+    """Raise for unusable arguments; returns ``(steps, cfg_weight)`` as int and float."""
     _require_flow(model)
     _check_pair(model, pair)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise JanusError(f"steps must be a whole number >= 1, got {steps!r}.")
-    if not math.isfinite(cfg_weight) or cfg_weight < 0:
-        raise JanusError(f"cfg_weight must be >= 0 (1 = no guidance, 2 = the default), got {cfg_weight}.")
+    steps = whole_number("steps", steps, minimum=1)
+    cfg_weight = check_guidance_weight(cfg_weight)
     expected = _latent_shape(model, pair.batch_size)
     if not isinstance(z, torch.Tensor) or not z.is_floating_point() or tuple(z.shape) != expected:
         got = list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise JanusError(f"The initial noise must be a float tensor of shape {list(expected)} "
                          f"(batch {pair.batch_size}), got {got}.")
+    return steps, cfg_weight
 
 
 @torch.inference_mode()
@@ -191,7 +190,7 @@ def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps
 
     The last yielded ``z`` is the final latent (model space). Arguments as :func:`generate_flow_latents`.
     """
-    _check_run_args(model, pair, noise, steps, cfg_weight)
+    steps, cfg_weight = _check_run_args(model, pair, noise, steps, cfg_weight)
     net, runner, device, dtype = model.net, model.llm, model.device, model.dtype
     b, prefix_len = pair.batch_size, pair.prompt_len
     guided = cfg_weight != 1.0
@@ -244,9 +243,11 @@ def generate_flow_latents(model: JanusModel, prompt: str | FlowCFG, batch_size: 
     ``batch_size`` defaults to 1 for text). ``noise`` replaces the seeded starting latent (see
     :func:`initial_noise`). ``cfg_weight`` 1 = no guidance. ``callback(step, total, z)`` runs after every
     step with ``step`` = steps done (1..total); an exception from it stops the loop and propagates.
-    Decode with ``vae.decode(latent_to_sdxl_vae(z))``.
+    Decode with ``vae.decode(latent_to_sdxl_vae(z))``. Image ``i`` uses seed ``seed + i`` (mod 2**64; ``seed``
+    in 0..2**64 - 1).
     """
     _require_flow(model)
+    seed = check_seed(seed)
     if not isinstance(prompt, str):
         _check_pair(model, prompt)
         if batch_size is not None and batch_size != prompt.batch_size:

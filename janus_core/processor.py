@@ -4,20 +4,32 @@ Prompt format (``SeparatorStyle.DeepSeek``): ``[system + "\\n\\n"] + role + ": "
 assistant_role + ":"``, stripped; the role strings depend on the variant (``User``/``Assistant`` for
 Janus-1.3B and JanusFlow, ``<|User|>``/``<|Assistant|>`` for Janus-Pro). Token ids are always looked up
 by string in the checkpoint's own ``tokenizer.json``.
+
+User text is text: prompts are built as pieces, where only :class:`Markup` pieces added by this code (roles,
+image tags) may become special tokens. Prompts, negative prompts, questions and system prompts are
+tokenised with every special token read as plain characters, so ``<|Assistant|>`` or
+``<image_placeholder>`` typed by a user cannot open a chat turn or claim an image slot.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .errors import CheckpointError, JanusError
+from .images import pil_to_rgb
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +45,20 @@ ROLES = {
     "janus-pro": ("<|User|>", "<|Assistant|>"),
     "janusflow": ("User", "Assistant"),
 }
+# Janus's own markup: never produced from user text, even where a tokenizer.json forgets to mark it special
+MARKUP_TOKENS = (BOS, EOS, PAD, IMAGE_TAG, IMAGE_START, IMAGE_END, *ROLES["janus-pro"])
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
     "the user provides, and assist the user with a variety of tasks using natural language."
 )
+
+
+class Markup(str):
+    """A prompt piece written by this code (a role, an image tag): it becomes its special token when the
+    tokenizer has one. Every other ``str`` piece of a prompt is text and never becomes a special token."""
+
+    __slots__ = ()
 
 
 class JanusTokenizer:
@@ -70,9 +91,48 @@ class JanusTokenizer:
         self.image_end_id = ids[IMAGE_END]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with BOS first."""
-        return [self.bos_id] + self._tok.encode(text, add_special_tokens=False).ids
+    @cached_property
+    def _text_tokenizer(self) -> Tokenizer:
+        """A copy of the tokenizer that reads special tokens as plain characters.
+
+        "Special" = what ``tokenizer.json`` declares special, plus :data:`MARKUP_TOKENS` wherever they are
+        added tokens. Ordinary added tokens (e.g. DeepSeek's single-character ones) behave as in the original.
+        """
+        from tokenizers import AddedToken, Tokenizer
+
+        text = Tokenizer.from_str(self._tok.to_str())
+        added = {token.content for token in text.get_added_tokens_decoder().values()}
+        text.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in MARKUP_TOKENS if t in added])
+        text.encode_special_tokens = True
+        return text
+
+    @cached_property
+    def _special_ids(self) -> dict[str, int]:
+        """Special token string -> id (the tokens :class:`Markup` pieces may become)."""
+        decoder = self._text_tokenizer.get_added_tokens_decoder()
+        return {token.content: tid for tid, token in decoder.items() if token.special}
+
+    def encode(self, pieces: str | Sequence[str]) -> list[int]:
+        """Token ids of a prompt, BOS first.
+
+        ``pieces``: one string or a sequence of them. A :class:`Markup` piece that is a special token of this
+        tokenizer becomes that token; everything else is text, special-token strings included. The text
+        between two special tokens is tokenised as one run, so a prompt without user-typed special-token
+        strings gets exactly the ids the original gets for the joined string.
+        """
+        pieces = [pieces] if isinstance(pieces, str) else pieces
+        ids, run = [self.bos_id], []
+        for piece in pieces:
+            special = self._special_ids.get(piece) if isinstance(piece, Markup) else None
+            if special is None:
+                run.append(piece)
+            else:
+                ids += self._text_ids("".join(run)) + [special]
+                run = []
+        return ids + self._text_ids("".join(run))
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self._text_tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
@@ -81,17 +141,54 @@ class JanusTokenizer:
 
 
 
-def format_prompt(variant: str, user_message: str, system_prompt: str = "") -> str:
-    """One user turn followed by the open assistant turn, in the variant's SFT template."""
+def check_text(what: str, text: object, empty_hint: str | None = None) -> None:
+    """Refuse user text the tokenizer cannot take: not a ``str``, or not valid Unicode (lone surrogates);
+    with ``empty_hint`` (what to type instead), also blank text."""
+    if not isinstance(text, str):
+        raise JanusError(f"The {what} must be text (str), got {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise JanusError(f"The {what} contains a character that is not valid Unicode (position {exc.start}, "
+                         f"{text[exc.start]!r}); remove or retype it.") from None
+    if empty_hint is not None and not text.strip():
+        raise JanusError(f"The {what} is empty; {empty_hint}.")
+
+
+def check_question(question: object) -> None:
+    """Refuse a question that is not usable text (see :func:`check_text`)."""
+    check_text("question", question, "type what you want to know about the image(s)")
+
+
+def _strip(pieces: list[str]) -> list[str]:
+    """``"".join(pieces).strip()`` done piece by piece, so each piece keeps its kind (text or Markup)."""
+    out = [p for p in pieces if p]
+    while out and not out[0].strip():
+        out.pop(0)
+    while out and not out[-1].strip():
+        out.pop()
+    if out:
+        out[0] = type(out[0])(out[0].lstrip())
+        out[-1] = type(out[-1])(out[-1].rstrip())
+    return out
+
+
+def format_prompt(variant: str, message: str | Sequence[str], system_prompt: str = "") -> list[str]:
+    """One user turn followed by the open assistant turn, in the variant's SFT template, as prompt pieces.
+
+    ``message``: user text, or pieces (:class:`Markup` image tags and text). The roles are :class:`Markup`;
+    the system prompt and the message text stay text. ``"".join(pieces)`` is DeepSeek's prompt string.
+    """
     user, assistant = ROLES[variant]
-    text = (system_prompt + "\n\n") if system_prompt else ""
-    text += f"{user}: {user_message.strip()}\n\n{assistant}:"
-    return text.strip()
+    pieces = [system_prompt, "\n\n"] if system_prompt else []
+    pieces += [Markup(user), ": ", *_strip([message] if isinstance(message, str) else list(message)), "\n\n",
+               Markup(assistant), ":"]
+    return _strip(pieces)
 
 
-def generation_prompt(variant: str, prompt: str) -> str:
-    """Text-to-image prompt string: template with an empty system prompt, then ``<begin_of_image>``."""
-    return format_prompt(variant, prompt, system_prompt="") + IMAGE_START
+def generation_prompt(variant: str, prompt: str) -> list[str]:
+    """Text-to-image prompt pieces: template with an empty system prompt, then ``<begin_of_image>``."""
+    return format_prompt(variant, prompt, system_prompt="") + [Markup(IMAGE_START)]
 
 
 @dataclass(frozen=True)
@@ -125,8 +222,9 @@ class ImagePreprocessor:
         return tuple(int(m * 255) for m in self.image_mean)
 
     def resize_and_pad(self, image: Image.Image) -> Image.Image:
-        """RGB PIL image -> square ``image_size`` PIL image (long side fitted, short side padded grey)."""
-        image = image.convert("RGB")
+        """PIL image (any mode, see :func:`images.pil_to_rgb`) -> square ``image_size`` RGB PIL image (long
+        side fitted, short side padded grey)."""
+        image = pil_to_rgb(image, self.background)
         width, height = image.size
         longest = max(width, height)
         new_h = max(int(height / longest * self.image_size), self.min_size)
@@ -164,30 +262,23 @@ def understanding_inputs(tokenizer: JanusTokenizer, variant: str, question: str,
                          num_image_tokens: int = 576, system_prompt: str | None = None) -> UnderstandingInputs:
     """Token ids of an understanding prompt with ``num_images`` images before ``question``.
 
-    Each ``<image_placeholder>`` becomes ``<begin_of_image>`` + ``num_image_tokens`` placeholders +
-    ``<end_of_image>``. ``image_mask`` covers the placeholders, and for JanusFlow also each
-    ``<begin_of_image>`` (which receives the learned begin-of-understanding embedding).
+    Each image is an ``<image_placeholder>`` :class:`Markup` tag, which becomes ``<begin_of_image>`` +
+    ``num_image_tokens`` placeholders + ``<end_of_image>``; tags typed in the question or system prompt are
+    plain text. ``image_mask`` covers the placeholders, and for JanusFlow also each ``<begin_of_image>``
+    (which receives the learned begin-of-understanding embedding). ``system_prompt`` None = DeepSeek's.
     """
-    if not question or not question.strip():
-        raise JanusError("The question is empty; type what you want to know about the image(s).")
+    check_question(question)
     system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-    message = IMAGE_TAG + "\n"
-    prompt = format_prompt(variant, message * num_images + question, system_prompt=system)
-    ids = tokenizer.encode(prompt)
+    check_text("system prompt", system)
+    pieces = format_prompt(variant, [Markup(IMAGE_TAG), "\n"] * num_images + [question], system_prompt=system)
     expanded: list[int] = []
-    for tid in ids:
+    for tid in tokenizer.encode(pieces):
         if tid == tokenizer.image_id:
             expanded += [tokenizer.image_start_id] + [tokenizer.image_id] * num_image_tokens + [tokenizer.image_end_id]
         else:
             expanded.append(tid)
-    found = ids.count(tokenizer.image_id)
-    if found != num_images:
-        raise JanusError(
-            f"The question contains {found - num_images} extra '{IMAGE_TAG}' tag(s); remove them, images are "
-            "inserted automatically."
-        )
     input_ids = torch.tensor(expanded, dtype=torch.long)
     image_mask = input_ids == tokenizer.image_id
     if variant == "janusflow":
         image_mask |= input_ids == tokenizer.image_start_id
-    return UnderstandingInputs(input_ids, image_mask, num_images, prompt)
+    return UnderstandingInputs(input_ids, image_mask, num_images, "".join(pieces))

@@ -8,7 +8,7 @@ import torch
 
 from .errors import JanusError
 from .model import JanusModel
-from .processor import generation_prompt
+from .processor import check_text, generation_prompt
 
 IMAGE_TOKENS = 576  # image positions after the prompt: 24 x 24 VQ tokens or latent patches
 
@@ -39,14 +39,18 @@ def check_same_model(model: JanusModel, variant: str, model_folder: str, what: s
 
 
 def encode_prompt(model: JanusModel, text: str, what: str = "prompt") -> PromptTokens:
-    """Template ``text`` for text-to-image with the model's roles and tokenise it (``what`` names it in errors)."""
+    """Template ``text`` for text-to-image with the model's roles and tokenise it (``what`` names it in errors).
+
+    ``text`` stays text: special-token strings in it (``<|Assistant|>``, ``<begin_of_image>``, ...) are
+    tokenised as plain characters; only the template's roles and ``<begin_of_image>`` are special tokens.
+    """
     if not isinstance(text, str):
         raise JanusError(f"Expected the {what} as text, a PromptTokens or a CFGPair, got {type(text).__name__} "
                          "(a FlowCFG belongs to a JanusFlow model and its flow sampler).")
-    if not text.strip():
-        raise JanusError(f"The {what} is empty; describe the image you want.")
-    prompt_string = generation_prompt(model.variant, text)
-    ids = torch.tensor(model.tokenizer.encode(prompt_string), dtype=torch.long)
+    check_text(what, text, "describe the image you want")
+    pieces = generation_prompt(model.variant, text)
+    prompt_string = "".join(pieces)
+    ids = torch.tensor(model.tokenizer.encode(pieces), dtype=torch.long)
     limit = model.config.llm.max_position_embeddings - IMAGE_TOKENS
     if ids.numel() > limit:
         raise JanusError(f"The {what} is {ids.numel()} tokens long; at most {limit} fit before the "

@@ -1,34 +1,60 @@
 """Token sampling shared by image generation and understanding: CFG mixing, temperature, top-k, top-p.
 
 Every row of a batch draws from its own ``torch.Generator``; row ``i`` of a call with seed ``s`` uses
-seed ``s + i``, so image ``i`` of a batch can be regenerated alone with ``seed = s + i, batch_size = 1``.
+seed ``(s + i) mod 2**64``, so image ``i`` of a batch can be regenerated alone with that seed and
+``batch_size = 1``. Seeds are whole numbers in ``0..2**64 - 1`` (ComfyUI's seed range). torch's CPU
+generator uses only the low 32 bits of a seed, so on the CPU seeds that differ by a multiple of 2**32 give
+the same result; CUDA generators use all 64 bits.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .arguments import finite_number, whole_number
 from .errors import JanusError
 
+SEED_MAX = 2**64 - 1  # 0xffffffffffffffff, the maximum of ComfyUI's seed widgets
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float, *, greedy_at_zero: bool = False) -> None:
-    """Raise a clear error for settings that cannot sample."""
-    if top_k < 0:
-        raise JanusError(f"top_k must be >= 0 (0 = off, 1 = greedy), got {top_k}.")
+
+def check_seed(seed: object) -> int:
+    """``seed`` as an ``int`` in ``0..SEED_MAX`` (whole numbers only, see :mod:`janus_core.arguments`)."""
+    return whole_number("seed", seed, 0, SEED_MAX)
+
+
+def check_guidance_weight(value: object, name: str = "cfg_weight") -> float:
+    """A classifier-free guidance weight as a float: finite and >= 0 (1 = no guidance)."""
+    weight = finite_number(name, value)
+    if weight < 0:
+        raise JanusError(f"{name} must be >= 0 (1 = no guidance), got {weight}.")
+    return weight
+
+
+def check_sampling_args(temperature: object, top_k: object, top_p: object, *,
+                        greedy_at_zero: bool = False) -> tuple[float, int, float]:
+    """``(temperature, top_k, top_p)`` checked and converted; raises a clear error for settings that cannot
+    sample (NaN/inf, non-integer ``top_k``, out-of-range values). ``greedy_at_zero``: temperature 0 = greedy."""
+    temperature = finite_number("temperature", temperature)
+    top_k = whole_number("top_k", top_k, minimum=0, hint=" (0 = off, 1 = greedy)")
+    top_p = finite_number("top_p", top_p)
     if not 0.0 < top_p <= 1.0:
         raise JanusError(f"top_p must be in (0, 1], got {top_p}; use 1.0 to turn it off.")
+    if greedy_at_zero and temperature < 0:
+        raise JanusError(f"temperature must be >= 0 (0 = greedy, deterministic), got {temperature}.")
     if temperature < 0 or (temperature == 0 and not greedy_at_zero and top_k != 1):
         raise JanusError(
             f"temperature must be > 0 (got {temperature}); for deterministic output use top_k = 1 (greedy)."
         )
+    return temperature, top_k, top_p
 
 
 def row_generators(seed: int, batch: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per row, row ``i`` seeded with ``seed + i`` (on ``device``)."""
+    """One generator per row on ``device``, row ``i`` seeded with ``(seed + i) mod 2**64``."""
+    seed = check_seed(seed)
     gens = []
     for i in range(batch):
         g = torch.Generator(device=device)
-        g.manual_seed((int(seed) + i) % (2**63))
+        g.manual_seed((seed + i) % (SEED_MAX + 1))
         gens.append(g)
     return gens
 

@@ -15,57 +15,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
+from .arguments import whole_number
 from .errors import JanusError
+from .images import ImagesArg, to_pil_images
 from .llm import KVCache
 from .model import JanusModel
-from .processor import UnderstandingInputs, understanding_inputs
-from .sampling import check_sampling_args, row_generators, sample_next
+from .processor import UnderstandingInputs, check_question, understanding_inputs
+from .sampling import check_sampling_args, check_seed, row_generators, sample_next
 
 logger = logging.getLogger(__name__)
 
-ImagesArg = Sequence[Image.Image] | torch.Tensor
 Callback = Callable[[int, int], None]
-
-
-def to_pil_images(images: ImagesArg) -> list[Image.Image]:
-    """PIL images (any mode) or a ComfyUI IMAGE tensor ``[B, H, W, 3]`` in 0..1 -> list of RGB PIL images.
-
-    Tensor values are scaled by 255 and rounded, so an image loaded as ``uint8 / 255`` gets its exact
-    original pixels back.
-    """
-    if isinstance(images, torch.Tensor):
-        if images.dim() != 4 or images.shape[-1] != 3:
-            raise JanusError(
-                f"The IMAGE tensor has shape {list(images.shape)}, expected [B, H, W, 3] (batch, height, "
-                "width, RGB channels, values in 0..1) as ComfyUI's IMAGE type. Convert masks or RGBA "
-                "images to RGB first."
-            )
-        if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-            raise JanusError(
-                f"The IMAGE tensor of shape {list(images.shape)} holds no pixels; give at least one image."
-            )
-        values = images.detach().float().cpu().nan_to_num(0.0).clamp(0.0, 1.0)
-        arr = (values * 255.0).round().to(torch.uint8).numpy()
-        return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
-    if images is None or len(images) == 0:
-        raise JanusError("No images were given; image understanding needs at least one image.")
-    out = []
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise JanusError(
-                f"Image {i} is a {type(image).__name__}; expected PIL images or an IMAGE tensor [B, H, W, 3]."
-            )
-        out.append(image if image.mode == "RGB" else image.convert("RGB"))
-    return out
-
-
-def _check_question(question: str) -> None:
-    if not isinstance(question, str) or not question.strip():
-        raise JanusError("The question is empty; type what you want to know about the image(s).")
 
 
 def _prompt_inputs(model: JanusModel, question: str, num_images: int, system_prompt: str | None
@@ -102,8 +65,8 @@ def understanding_embeds(model: JanusModel, images: ImagesArg, question: str,
 
     ``system_prompt`` None uses DeepSeek's default, ``""`` none.
     """
-    _check_question(question)
-    pil = to_pil_images(images)
+    check_question(question)
+    pil = to_pil_images(images, model.image_processor.background)
     inputs = _prompt_inputs(model, question, len(pil), system_prompt)
     return _fuse(model, inputs, _image_features(model, pil)), inputs
 
@@ -173,7 +136,8 @@ def generate_text_ids(model: JanusModel, prompts: Sequence[torch.Tensor], max_ne
 def understand(model: JanusModel, images: ImagesArg, question: str, max_new_tokens: int = 512,
                temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, system_prompt: str | None = None,
                per_image: bool = True, callback: Callback | None = None) -> list[str]:
-    """Answer ``question`` about ``images`` (PIL images or an IMAGE tensor ``[B, H, W, 3]`` in 0..1).
+    """Answer ``question`` about ``images`` (PIL images of any mode or an IMAGE tensor ``[B, H, W, 3]`` in 0..1;
+    conversion rules in :mod:`janus_core.images`).
 
     ``per_image``: one answer per image (all prompts run as one batch); otherwise one answer to a single
     prompt showing all images. ``temperature == 0`` is greedy; otherwise sampling with ``top_p`` and
@@ -181,14 +145,11 @@ def understand(model: JanusModel, images: ImagesArg, question: str, max_new_toke
     ``callback(step, max_new_tokens)`` runs after every generated token; an exception it raises stops
     generation and propagates.
     """
-    _check_question(question)
-    if max_new_tokens < 1 or int(max_new_tokens) != max_new_tokens:
-        raise JanusError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
-    max_new_tokens = int(max_new_tokens)
-    if temperature < 0:
-        raise JanusError(f"temperature must be >= 0 (0 = greedy, deterministic), got {temperature}.")
-    check_sampling_args(temperature, 0, top_p, greedy_at_zero=True)
-    pil = to_pil_images(images)
+    check_question(question)
+    max_new_tokens = whole_number("max_new_tokens", max_new_tokens, minimum=1)
+    temperature, _, top_p = check_sampling_args(temperature, 0, top_p, greedy_at_zero=True)
+    seed = check_seed(seed)
+    pil = to_pil_images(images, model.image_processor.background)
 
     groups = [[image] for image in pil] if per_image else [pil]
     inputs = [_prompt_inputs(model, question, len(group), system_prompt) for group in groups]

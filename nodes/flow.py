@@ -5,10 +5,11 @@ from __future__ import annotations
 from janus_core.errors import JanusError
 from janus_core.generate_flow import FlowCFG, initial_noise, iter_flow_steps, latent_to_sdxl_vae
 from janus_core.prompts import IMAGE_TOKENS
+from janus_core.sampling import SEED_MAX
 
 from . import comfy_services as comfy
 from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes
-from .text_to_image import SEED_MAX, model_input
+from .text_to_image import model_input
 
 
 class DSJanusFlowSampler:

@@ -13,13 +13,13 @@ from janus_core.generate_ar import TOKEN_GRID, CFGPair, build_cfg_pair, decode_i
 from janus_core.generate_flow import build_flow_cfg
 from janus_core.images import images_from_decoded
 from janus_core.prompts import IMAGE_TOKENS, PromptTokens, encode_prompt
+from janus_core.sampling import SEED_MAX
 
 from . import comfy_services as comfy
 from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes
 
 PREVIEW_EVERY = 48  # tokens (two rows of the 24x24 grid)
 PREVIEW_TIME_BUDGET = 0.1  # previews may take at most this share of the sampling time (VQ decode is slow on CPUs)
-SEED_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class DSJanusARSampler:
             "model": model_input(),
             "cfg_pair": ("DSJANUS_CFG", {"tooltip": "From Janus CFG Pair Builder (same model)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip": "Image i of the batch uses "
-                             "seed + i, so it can be regenerated alone."}),
+                             "seed + i (mod 2^64), so it can be regenerated alone."}),
             "cfg_weight": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Guidance "
                                      "strength: logits = uncond + w * (cond - uncond). 1 = no guidance."}),
             "temperature": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip": "Sampling "

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from janus_core.images import to_pil_images
+from janus_core.sampling import SEED_MAX
 from janus_core.understanding import understand
 
 from . import comfy_services as comfy
 from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes
-from .text_to_image import SEED_MAX, model_input
+from .text_to_image import model_input
 
 MODES = ["per image", "all images in one question"]
 IMAGE_BLOCK = 577  # image positions per image (576; JanusFlow adds a begin-of-understanding embedding)
@@ -48,13 +50,13 @@ class DSJanusUnderstand:
     def answer(self, model: JanusModelHandle, image: torch.Tensor, question: str, mode: str,
                max_new_tokens: int, temperature: float, top_p: float, seed: int):
         per_image = mode == MODES[0]
-        count = int(image.shape[0]) if isinstance(image, torch.Tensor) and image.dim() == 4 else 1
-        rows, images_per_row = (count, 1) if per_image else (1, count)
+        images = to_pil_images(image, model.model.image_processor.background)  # checked before the model loads
+        rows, images_per_row = (len(images), 1) if per_image else (1, len(images))
         positions = images_per_row * (IMAGE_BLOCK + 2) + PROMPT_ALLOWANCE + max_new_tokens
         m = model.ready(kv_cache_bytes(model.model, rows, positions)
                         + forward_buffer_bytes(model.model, rows, positions))
         progress = comfy.Progress(max_new_tokens)
-        answers = understand(m, image, question, max_new_tokens=max_new_tokens, temperature=temperature,
+        answers = understand(m, images, question, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, seed=seed, per_image=per_image,
                              callback=lambda step, total: progress.update(step))
         progress.update(max_new_tokens)

@@ -17,6 +17,22 @@ def _deterministic_threads():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def pro():
+    """janus-pro-tiny in float32, loaded once per test module (modules may define their own ``pro``)."""
+    from janus_core import load_model
+
+    return load_model(PRO_TINY, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def flow():
+    """janusflow-tiny in float32, loaded once per test module (modules may define their own ``flow``)."""
+    from janus_core import load_model
+
+    return load_model(FLOW_TINY, dtype=torch.float32)
+
+
 def golden(model_dir: Path, name: str) -> dict:
     """Load ``<model_dir>/golden/<name>.safetensors`` as a dict of tensors."""
     return load_file(str(model_dir / "golden" / f"{name}.safetensors"))

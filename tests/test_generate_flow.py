@@ -18,6 +18,7 @@ from janus_core.generate_flow import (
     latent_to_sdxl_vae,
     sdxl_vae_to_latent,
 )
+from janus_core.processor import Markup
 from janus_core.sdxl_vae import decode_latents, load_sdxl_vae
 from tests.conftest import FLOW_TINY, PRO_TINY, golden
 
@@ -140,7 +141,7 @@ def test_seeds_reproducible_and_per_image(model):
 
 def test_negative_prompt_rows(model, pair):
     short = build_flow_cfg(model, "A red cube on a blue table.", batch_size=2, negative_prompt="blur")
-    neg_ids = model.tokenizer.encode("User: blur\n\nAssistant:<begin_of_image>")
+    neg_ids = model.tokenizer.encode(["User: blur\n\nAssistant:", Markup("<begin_of_image>")])
     length = short.rows.shape[1]
     assert length == len(short.input_ids) > len(neg_ids)
     assert short.rows[:2].tolist() == [short.input_ids.tolist()] * 2

@@ -8,21 +8,12 @@ import torch
 from PIL import Image
 
 from janus_core import JanusError, load_model
+from janus_core.images import to_pil_images
 from janus_core.llm import KVCache
-from janus_core.understanding import generate_text_ids, to_pil_images, understand, understanding_embeds
+from janus_core.understanding import generate_text_ids, understand, understanding_embeds
 from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, golden
 
 QUESTION = "Describe this image."
-
-
-@pytest.fixture(scope="module")
-def pro():
-    return load_model(PRO_TINY, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def flow():
-    return load_model(FLOW_TINY, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module", params=["pro", "flow"])
@@ -113,7 +104,8 @@ def test_image_modes_and_sizes(pro, image):
 def test_image_tensor_equals_pil(flow):
     loaded = Image.open(IMAGE_PATH)
     tensor = torch.from_numpy(np.array(loaded.convert("RGB")).astype(np.float32) / 255.0)[None]
-    assert np.array_equal(np.asarray(to_pil_images(tensor)[0]), np.asarray(loaded.convert("RGB")))
+    pixels = to_pil_images(tensor, flow.image_processor.background)[0]
+    assert np.array_equal(np.asarray(pixels), np.asarray(loaded.convert("RGB")))
     assert understand(flow, tensor, QUESTION, max_new_tokens=8) == understand(flow, [loaded], QUESTION,
                                                                                 max_new_tokens=8)
 
