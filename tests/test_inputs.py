@@ -26,7 +26,7 @@ from janus_core.processor import (
 from janus_core.prompts import encode_prompt
 from janus_core.sampling import SEED_MAX, row_generators
 from janus_core.understanding import understand
-from tests.conftest import IMAGE_PATH, PRO_TINY
+from tests.conftest import IMAGE_PATH, PRO_TINY, node_model
 
 GREY = (127, 127, 127)  # the Janus processors' padding colour (image_mean 0.5)
 
@@ -94,7 +94,7 @@ def test_understand_and_node_refuse_a_0_255_image(pro, rgb):
     tensor = torch.from_numpy(rgb.copy()).float()[None]
     with pytest.raises(JanusError, match="divide them by 255"):
         understand(pro, tensor, "Describe.", max_new_tokens=2)
-    handle = nodes.NODE_CLASS_MAPPINGS["DSJanusModelLoader"]().load(str(PRO_TINY.resolve()), "fp32", "auto")[0]
+    handle = node_model(PRO_TINY)
     with pytest.raises(JanusError, match="divide them by 255"):
         nodes.NODE_CLASS_MAPPINGS["DSJanusUnderstand"]().answer(handle, tensor, "Describe.", "per image", 2, 0.0,
                                                                 0.95, 0)
