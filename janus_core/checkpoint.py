@@ -9,9 +9,18 @@ memory map, so no page of the file stays resident behind the caller's back. Tens
 time in file order, so a caller that converts or copies each tensor before taking the next holds about
 one copy of the weights.
 
-Pickles are read with ``torch.load(weights_only=True, mmap=False)``: a file that needs more than plain
+Pickles are read with ``torch.load(weights_only=True, mmap=False)``, and only on torch >= 2.6: before
+2.6 ``weights_only`` can be bypassed by a crafted file (CVE-2025-32434). A file that needs more than plain
 tensors is refused. torch's format has no per-tensor reads, so each pickle file is read whole; its
 tensors are then handed out one at a time and dropped from the loaded dict as they go.
+
+Only files inside the model folder are read: shard names in an index must be relative paths that stay
+inside it (no ``..``, no absolute paths or drive letters, no directory that is a symbolic link leading out).
+The shard file itself may be a symbolic link, as the Hugging Face cache and older ``huggingface_hub``
+downloads make them: it is the folder's own entry under the name the index gives.
+
+:func:`stored_size` measures the tensor data of every weight file from headers and zip directories
+alone, so the loader can compare it with what config.json implies before allocating anything.
 """
 
 from __future__ import annotations
@@ -20,16 +29,19 @@ import json
 import logging
 import os
 import pickle
+import re
 import struct
 import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
 import torch
 
 from .errors import CheckpointError
+from .jsonfile import kind, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +51,42 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
 
-def _shards_from_index(folder: Path, index_name: str) -> dict[str, list[str]]:
-    """Map shard file name -> tensor names, from a HuggingFace ``*.index.json``."""
+def _shard_path(folder: Path, index_path: Path, shard: object, suffix: str) -> Path:
+    """The file that the shard name ``shard`` of ``index_path`` refers to, refused unless inside ``folder``."""
+    fix = "The index is damaged or was crafted; re-download the checkpoint from its original repository."
+    if not isinstance(shard, str) or not shard.strip() or "\0" in shard:
+        raise CheckpointError(f"{index_path} names a shard {kind(shard)} {shard!r:.60}, not a file name. {fix}")
+    posix, windows = PurePosixPath(shard), PureWindowsPath(shard)
+    if posix.is_absolute() or windows.anchor or ".." in posix.parts or ".." in windows.parts:
+        raise CheckpointError(
+            f"{index_path} names the shard '{shard}', which is outside the model folder {folder}; refused. {fix}")
+    if not shard.endswith(suffix):
+        raise CheckpointError(f"{index_path} names the shard '{shard}', which is not a {suffix} file. {fix}")
+    path = folder / shard
+    root, parent = folder.resolve(), path.parent.resolve()
+    if parent != root and root not in parent.parents:
+        raise CheckpointError(
+            f"{index_path} names the shard '{shard}', whose folder {parent} (through a symbolic link) is outside "
+            f"the model folder {root}; refused. Put the shard files into the model folder itself.")
+    return path
+
+
+def _shards_from_index(folder: Path, index_name: str) -> dict[Path, list[str]]:
+    """Map shard file -> tensor names, from a HuggingFace ``*.index.json`` (checked: see the module docstring)."""
     path = folder / index_name
-    try:
-        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise CheckpointError(f"{path} is not a valid weight index ({exc}); re-download the checkpoint.") from exc
-    shards: dict[str, list[str]] = {}
+    index = read_json(path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = "an empty object" if weight_map == {} else kind(weight_map)
+        raise CheckpointError(
+            f"{path} is not a valid weight index: 'weight_map' must be an object mapping tensor names to shard "
+            f"files, found {found}. Re-download the checkpoint."
+        )
+    suffix = ".safetensors" if index_name == SAFETENSORS_INDEX else ".bin"
+    shards: dict[Path, list[str]] = {}
     for name, shard in weight_map.items():
-        shards.setdefault(shard, []).append(name)
-    missing = [s for s in shards if not (folder / s).is_file()]
+        shards.setdefault(_shard_path(folder, path, shard, suffix), []).append(name)
+    missing = [p.relative_to(folder).as_posix() for p in shards if not p.is_file()]
     if missing:
         raise CheckpointError(
             f"{folder} is incomplete: shard(s) {', '.join(sorted(missing))} listed in {index_name} are missing. "
@@ -63,7 +100,7 @@ def weight_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         if (folder / index_name).is_file():
-            return [folder / s for s in sorted(_shards_from_index(folder, index_name))]
+            return sorted(_shards_from_index(folder, index_name))
     for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
         if (folder / single).is_file():
             return [folder / single]
@@ -98,6 +135,14 @@ class _Entry:
     shape: tuple[int, ...]
     start: int
     end: int
+
+    @property
+    def numel(self) -> int:
+        return (self.end - self.start) // self.dtype.itemsize
+
+
+# The safetensors format's own limit on the JSON header (the files of the releases have headers of ~100 kB).
+MAX_HEADER_BYTES = 100_000_000
 
 
 def _corrupt(path: Path, why: str) -> CheckpointError:
@@ -144,10 +189,14 @@ def _read_safetensors_header(path: Path, fh: BinaryIO) -> list[_Entry]:
     (header_len,) = struct.unpack("<Q", head)
     if header_len > size - 8:
         raise CheckpointError(f"{path} is truncated or not a safetensors file; re-download it.")
+    if header_len > MAX_HEADER_BYTES:
+        raise _corrupt(path, f"a header of {header_len} bytes is beyond the format's limit of {MAX_HEADER_BYTES}")
     try:
         header = json.loads(fh.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _corrupt(path, str(exc)) from exc
+    except RecursionError as exc:
+        raise _corrupt(path, "its JSON is nested too deeply") from exc
     if not isinstance(header, dict):
         raise _corrupt(path, f"expected a JSON object, found {type(header).__name__}")
     data_start = 8 + header_len
@@ -232,28 +281,116 @@ def _iter_safetensors(path: Path, destination: Destination | None = None) -> Ite
             yield entry.name, _read_tensor(path, fh, entry, destination(entry.name) if destination else None)
 
 
+# torch versions before 2.6 let a crafted pickle run code despite weights_only=True (CVE-2025-32434).
+PICKLE_TORCH_FLOOR = (2, 6)
+
+
+def _torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch; (0, 0) when its version string cannot be read."""
+    match = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def _require_safe_unpickler(path: Path) -> None:
+    """Refuse to unpickle ``path`` on a torch whose ``weights_only`` loading can be bypassed."""
+    if _torch_version() < PICKLE_TORCH_FLOOR:
+        floor = ".".join(map(str, PICKLE_TORCH_FLOOR))
+        raise CheckpointError(
+            f"{path} is a pickle (.bin) checkpoint and this torch ({torch.__version__}) is older than {floor}: "
+            "its weights_only loading can be bypassed by a crafted file to run code (CVE-2025-32434), so .bin "
+            f"files are refused. Upgrade torch to {floor} or newer, or use a safetensors copy of this checkpoint "
+            "(safetensors files load on every torch)."
+        )
+
+
+def _pickle_data_bytes(path: Path) -> int:
+    """Bytes of tensor data in the ``torch.save`` zip archive ``path``, from its zip directory (nothing is
+    unpickled); refuses empty, truncated and foreign files with a clear message."""
+    fix = "The download is incomplete or this is not a PyTorch checkpoint; re-download it."
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes). {fix}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} ({size} bytes) is not a complete torch.save archive ({exc}). {fix}") from exc
+    if not any(PurePosixPath(m.filename).name == "data.pkl" for m in members):
+        raise CheckpointError(f"{path} is a zip file without data.pkl, not a torch.save archive. {fix}")
+    return sum(m.file_size for m in members if PurePosixPath(m.filename).parent.name == "data")
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The specific part of a ``weights_only`` failure ("Unsupported global: ...", "Unsupported operand ...")."""
+    text = str(exc)
+    detail = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 def _iter_pickle(path: Path, destination: Destination | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a ``torch.save`` state dict, read whole, then popped and handed out one at a time.
 
     ``destination`` is not used: the format cannot be read into given memory.
     """
+    _require_safe_unpickler(path)
+    _pickle_data_bytes(path)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+    except MemoryError:  # not a sign of a damaged file: let it through as it is
+        raise
     except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(exc)
+        if "global" not in reason.lower():
+            raise CheckpointError(f"{path} is corrupt ({reason}); re-download it.") from exc
         raise CheckpointError(
             f"{path} contains more than plain tensors and is refused for safety (weights_only loading "
-            f"failed: {str(exc).splitlines()[0]}). Use a safetensors copy of this checkpoint."
+            f"failed: {reason}). Use a safetensors copy of this checkpoint."
         ) from exc
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} could not be read ({exc}); it may be truncated. Re-download it.") from exc
+    except Exception as exc:  # torch.load reports damaged archives with many exception types
+        raise CheckpointError(
+            f"{path} could not be read ({type(exc).__name__}: {str(exc)[:200]}); it is corrupt or truncated. "
+            "Re-download it."
+        ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__}).")
     for name, value in state.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: the state dict has a key {name!r:.60}, not a tensor name.")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry '{name}' is a {type(value).__name__}, not a tensor.")
     # Pop each tensor before yielding it: once the caller drops it, nothing here keeps it alive.
     for name in list(state):
         yield name, state.pop(name)
+
+
+@dataclass(frozen=True)
+class StoredSize:
+    """The tensor data of a checkpoint, measured without reading it.
+
+    ``elements``: values in safetensors files (their headers give every tensor's dtype and shape);
+    ``pickle_bytes``: bytes of tensor data in ``.bin`` files (their dtypes are inside the pickle).
+    """
+
+    elements: int
+    pickle_bytes: int
+
+
+def stored_size(folder: str | Path, skip: Callable[[str], bool] | None = None) -> StoredSize:
+    """Measure every weight file of ``folder``; safetensors tensors named so that ``skip(name)`` is true are
+    not counted. Checks each file's container on the way (safetensors header, zip directory, the torch
+    version for pickles), so a broken file is reported before anything is allocated."""
+    elements = pickle_bytes = 0
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            with path.open("rb") as fh:
+                entries = _read_safetensors_header(path, fh)
+            elements += sum(e.numel for e in entries if skip is None or not skip(e.name))
+        else:
+            _require_safe_unpickler(path)
+            pickle_bytes += _pickle_data_bytes(path)
+    return StoredSize(elements, pickle_bytes)
 
 
 def iter_checkpoint(folder: str | Path, destination: Destination | None = None

@@ -8,9 +8,12 @@ Device and dtype policy when not given:
 * With float16 the VQ image decoder and the image-token head stay in float32 (the decoder's activations
   overflow float16; the head's 16384 logits decide every sampled token).
 
-Loading builds the network on the ``meta`` device, then reads the checkpoint one tensor at a time,
-converting each to its final dtype and device, so no second full copy of the weights is ever held. Each LLM
-layer's q/k/v and gate/up weights are stored back to back in one buffer per group (the parameters are views
+Before anything is allocated, the config's sizes are checked (:mod:`janus_core.config`), every weight file's
+container is checked, and the number of weights config.json implies is compared with what the files hold
+(:func:`check_weight_count`): first the language model alone, computed from the config, then the whole
+network built on the ``meta`` device, which allocates nothing. Loading then reads the checkpoint one tensor at
+a time, converting each to its final dtype and device, so no second full copy of the weights is ever held. Each
+LLM layer's q/k/v and gate/up weights are stored back to back in one buffer per group (the parameters are views
 of it, state-dict keys unchanged), so a decode step reads each group with one matmul.
 """
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import iter_checkpoint
+from .checkpoint import StoredSize, iter_checkpoint, stored_size
 from .config import JanusConfig, load_config
 from .errors import CheckpointError, JanusError
 from .llm import LlamaRunner, pack_projections, packed_slots
@@ -38,6 +41,18 @@ UNUSED_KEYS = (
     re.compile(r"^gen_vision_model\.quantize\.codebook_used$"),
     re.compile(r"^language_model\.model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
 )
+
+
+def is_unused_key(name: str) -> bool:
+    """Whether a stored tensor is one of :data:`UNUSED_KEYS`."""
+    return any(p.search(name) for p in UNUSED_KEYS)
+
+
+# The weight count config.json implies must match the files within this fraction before anything is
+# allocated; smaller differences are then named tensor by tensor while loading.
+SIZE_TOLERANCE = 0.05
+# Bytes per value of .bin tensor data, whose dtype is only known after unpickling: bf16/fp16 up to fp32.
+PICKLE_ITEMSIZES = (2, 4)
 
 # Modules kept in float32 when the rest runs in float16.
 FP32_UNDER_FP16 = ("gen_vision_model", "gen_head")
@@ -181,7 +196,7 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
     dropped = 0
     for name, tensor in iter_checkpoint(folder, destination=destination):
         if name not in expected:
-            if any(p.search(name) for p in UNUSED_KEYS):
+            if is_unused_key(name):
                 dropped += 1
             else:
                 unexpected.append(name)
@@ -215,6 +230,27 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
     logger.info("loaded %d tensors from %s (%d unused stored tensors dropped)", len(loaded), folder, dropped)
 
 
+def check_weight_count(stored: StoredSize, folder: Path, expected: int, *, exact: bool = True) -> None:
+    """Refuse when config.json implies ``expected`` weights and the files in ``folder`` hold another number.
+
+    The count compared is the number of values: safetensors headers give it exactly (the stored-but-unused
+    tensors of :data:`UNUSED_KEYS` left out); ``.bin`` tensor data allows :data:`PICKLE_ITEMSIZES` bytes per
+    value. Differences within :data:`SIZE_TOLERANCE` pass and are named tensor by tensor while loading.
+    With ``exact=False``, ``expected`` counts only part of the model and only a larger count is refused.
+    """
+    fewest = stored.elements + stored.pickle_bytes // max(PICKLE_ITEMSIZES)
+    most = stored.elements + stored.pickle_bytes // min(PICKLE_ITEMSIZES)
+    too_few = exact and expected < fewest * (1 - SIZE_TOLERANCE)
+    if not too_few and expected <= most * (1 + SIZE_TOLERANCE):
+        return
+    held = f"{fewest:,}" if fewest == most else f"{fewest:,} to {most:,} (.bin files: bf16/fp16 to fp32)"
+    raise CheckpointError(
+        f"{folder / 'config.json'} describes a model of {'' if exact else 'at least '}{expected:,} weights but "
+        f"the weight files in {folder} hold {held}: config.json and the weights belong to different models, or "
+        "a weight file is incomplete. Re-download the checkpoint (config.json and the weights of one release)."
+    )
+
+
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                variant: str | None = None) -> JanusModel:
     """Load the checkpoint folder ``path`` (config.json, tokenizer.json, weights) as a :class:`JanusModel`.
@@ -235,8 +271,23 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary has "
             f"{config.llm.vocab_size}; the tokenizer belongs to another model."
         )
-    with torch.device("meta"):
-        net = JanusFlowNet(config) if config.is_flow else JanusARNet(config)
+    if image_processor.image_size != config.siglip.image_size:
+        raise CheckpointError(
+            f"preprocessor_config.json in {folder} resizes images to {image_processor.image_size} pixels but the "
+            f"vision tower of config.json takes {config.siglip.image_size}; the files belong to different "
+            "models. Re-download the checkpoint."
+        )
+    stored = stored_size(folder, skip=is_unused_key)
+    check_weight_count(stored, folder, config.llm.parameter_count, exact=False)  # before building anything
+    try:
+        with torch.device("meta"):
+            net = JanusFlowNet(config) if config.is_flow else JanusARNet(config)
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{folder / 'config.json'} describes a network that cannot be built ({exc}). Fix config.json or "
+            "re-download the checkpoint."
+        ) from exc
+    check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
     load_weights(net, config, folder, device, dtype)
     net.eval().requires_grad_(False)
     n_params = sum(p.numel() for p in net.parameters())

@@ -13,7 +13,6 @@ tokenised with every special token read as plain characters, so ``<|Assistant|>`
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import MAX_IMAGE_SIZE
 from .errors import CheckpointError, JanusError
 from .images import pil_to_rgb
+from .jsonfile import MAX_JSON_BYTES, JsonFields, read_json
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -73,7 +74,15 @@ class JanusTokenizer:
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
             raise CheckpointError(f"{Path(folder)} has no tokenizer.json; re-download the checkpoint.")
-        self._tok = Tokenizer.from_file(str(path))
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path} is too large to be a tokenizer ({path.stat().st_size} bytes); "
+                                  "re-download the checkpoint.")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library reports every parse error as a plain Exception
+            raise CheckpointError(
+                f"{path} is not a valid tokenizer ({str(exc)[:200]}); re-download the checkpoint."
+            ) from exc
         ids = {}
         for name in (BOS, EOS, PAD, IMAGE_TAG, IMAGE_START, IMAGE_END):
             tid = self._tok.token_to_id(name)
@@ -204,17 +213,20 @@ class ImagePreprocessor:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> ImagePreprocessor:
+        """The settings of ``<folder>/preprocessor_config.json`` (defaults when the file is absent)."""
         path = Path(folder) / "preprocessor_config.json"
         if not path.is_file():
             return cls()
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        fields = JsonFields(str(path), "", read_json(path))
+        d = cls()
+        image_size = fields.integer("image_size", 1, MAX_IMAGE_SIZE, d.image_size)
         return cls(
-            image_size=int(cfg.get("image_size", 384)),
-            min_size=int(cfg.get("min_size", 14)),
-            image_mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))),
-            image_std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))),
-            rescale_factor=float(cfg.get("rescale_factor", 1.0 / 255.0)),
-            do_normalize=bool(cfg.get("do_normalize", True)),
+            image_size=image_size,
+            min_size=fields.integer("min_size", 1, image_size, d.min_size),
+            image_mean=fields.numbers("image_mean", 0.0, 1.0, 3, d.image_mean, open_low=False),
+            image_std=fields.numbers("image_std", 0.0, 1e6, 3, d.image_std),
+            rescale_factor=fields.number("rescale_factor", 0.0, 1.0, d.rescale_factor),
+            do_normalize=fields.flag("do_normalize", d.do_normalize),
         )
 
     @property
