@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from janus_core.understanding import understand
+from janus_core.understanding import understand, understanding_bytes
 
 from . import comfy_services as comfy
-from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes
+from .loader import JanusModelHandle
 from .text_to_image import SEED_MAX, model_input
 
 MODES = ["per image", "all images in one question"]
-IMAGE_BLOCK = 577  # image positions per image (576; JanusFlow adds a begin-of-understanding embedding)
-PROMPT_ALLOWANCE = 256  # system prompt, roles and question, for the memory estimate
 
 
 class DSJanusUnderstand:
@@ -49,10 +47,7 @@ class DSJanusUnderstand:
                max_new_tokens: int, temperature: float, top_p: float, seed: int):
         per_image = mode == MODES[0]
         count = int(image.shape[0]) if isinstance(image, torch.Tensor) and image.dim() == 4 else 1
-        rows, images_per_row = (count, 1) if per_image else (1, count)
-        positions = images_per_row * (IMAGE_BLOCK + 2) + PROMPT_ALLOWANCE + max_new_tokens
-        m = model.ready(kv_cache_bytes(model.model, rows, positions)
-                        + forward_buffer_bytes(model.model, rows, positions))
+        m = model.ready(understanding_bytes(model.model, count, question, max_new_tokens, per_image))
         progress = comfy.Progress(max_new_tokens)
         answers = understand(m, image, question, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, seed=seed, per_image=per_image,
