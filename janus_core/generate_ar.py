@@ -19,10 +19,21 @@ import torch
 from .arguments import whole_number
 from .errors import JanusError
 from .images import images_from_decoded
-from .llm import KVCache
+from .llm import KVCache, forward_bytes, kv_cache_bytes
+from .memory import check_fits, largest_fitting
 from .model import JanusModel
+from .modules.vq import decoder_activation_bytes
 from .prompts import IMAGE_TOKENS, PromptTokens, check_same_model, encode_prompt, model_key
-from .sampling import cfg_mix, check_guidance_weight, check_sampling_args, check_seed, row_generators, sample_next
+from .sampling import (
+    GENERATOR_BYTES,
+    SAMPLING_BYTES_PER_LOGIT,
+    cfg_mix,
+    check_guidance_weight,
+    check_sampling_args,
+    check_seed,
+    row_generators,
+    sample_next,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +136,27 @@ def cfg_logit_steps(model: JanusModel, pair: CFGPair) -> StepStream:
         hidden = model.llm.forward(embeds, cache, positions + step)[:, -1]
 
 
+def generation_bytes(model: JanusModel, pair: CFGPair) -> int:
+    """Peak bytes :func:`generate_image_tokens` allocates on the model's device for ``pair`` (beyond the weights).
+
+    The KV cache of ``2B`` rows x (prompt + 576) positions and the sampled tokens, plus the larger of the prefill
+    (the two prompt rows' cache and forward) and one decode step (forward of ``2B`` rows, the gen head's
+    activations and logits ``[2B, V]``, CFG mixing and sampling in float32).
+    """
+    spec, dtype, device = model.config.llm, model.dtype, model.device
+    b, rows = pair.batch_size, 2 * pair.batch_size
+    length = max(pair.cond_ids.numel(), pair.uncond_ids.numel())
+    prefill = kv_cache_bytes(spec, 2, length, dtype) + forward_bytes(spec, 2, length, length, dtype, device)
+    head = model.net.gen_head
+    head_size = head.vision_head.weight.dtype.itemsize
+    embed, vocab = head.output_mlp_projector.out_features, head.vision_head.out_features
+    step = (forward_bytes(spec, rows, 1, length + IMAGE_TOKENS, dtype, device)
+            + rows * (spec.hidden_size * (dtype.itemsize + head_size) + 2 * embed * head_size + vocab * head_size)
+            + b * vocab * SAMPLING_BYTES_PER_LOGIT)
+    held = kv_cache_bytes(spec, rows, length + IMAGE_TOKENS, dtype) + b * (IMAGE_TOKENS * 8 + GENERATOR_BYTES)
+    return held + max(prefill, step)
+
+
 @torch.inference_mode()
 def generate_image_tokens(model: JanusModel, prompt: str | PromptTokens | CFGPair, batch_size: int = 1,
                           seed: int = 0, cfg_weight: float = 5.0, temperature: float = 1.0, top_k: int = 0,
@@ -136,6 +168,8 @@ def generate_image_tokens(model: JanusModel, prompt: str | PromptTokens | CFGPai
     ``negative_prompt`` come from the pair). ``top_k=1`` is greedy. Image ``i`` uses seed ``seed + i``
     (mod 2**64; ``seed`` in 0..2**64 - 1). ``cfg_weight`` >= 0 (1 = no guidance).
     ``callback(step, total, tokens_so_far [B, step + 1])`` runs after every token; raising stops the loop.
+    A batch whose :func:`generation_bytes` does not fit the device's free memory is refused with a
+    :class:`JanusError` before anything is allocated (:mod:`janus_core.memory`).
     """
     _require_ar(model)
     temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
@@ -147,6 +181,7 @@ def generate_image_tokens(model: JanusModel, prompt: str | PromptTokens | CFGPai
     else:
         pair = build_cfg_pair(model, prompt, batch_size, negative_prompt)
     b, device = pair.batch_size, model.device
+    check_fits(device, generation_bytes(model, pair), "Image generation", b)
     generators = None if top_k == 1 else row_generators(seed, b, device)
     tokens = torch.empty(b, IMAGE_TOKENS, dtype=torch.long, device=device)
     steps = cfg_logit_steps(model, pair)
@@ -162,13 +197,34 @@ def generate_image_tokens(model: JanusModel, prompt: str | PromptTokens | CFGPai
     return tokens
 
 
+def decode_bytes(model: JanusModel, batch: int) -> int:
+    """Peak bytes :func:`decode_image_tokens` allocates on the VQ decoder's device to decode ``batch`` images
+    at once (the decoder's activations; see :func:`janus_core.modules.vq.decoder_activation_bytes`)."""
+    vq = model.config.vq
+    dtype = model.net.gen_vision_model.post_quant_conv.weight.dtype
+    return decoder_activation_bytes(vq.ch, vq.ch_mult, TOKEN_GRID, batch, dtype)
+
+
 @torch.inference_mode()
 def decode_image_tokens(model: JanusModel, tokens: torch.Tensor) -> torch.Tensor:
-    """VQ ids ``[B, 576]`` -> images ``[B, 384, 384, 3]`` float32 in 0..1 on the CPU (ComfyUI IMAGE layout)."""
+    """VQ ids ``[B, 576]`` -> images ``[B, 384, 384, 3]`` float32 in 0..1 on the CPU (ComfyUI IMAGE layout).
+
+    Decodes as many images at once as fit in the decoder device's free memory (:func:`decode_bytes`; about
+    0.23 GB per image in bfloat16 for the released models), so a large batch is decoded in chunks instead of
+    running out of memory; refused only when not even one image fits.
+    """
     _require_ar(model)
     if tokens.dim() != 2 or tokens.shape[1] != IMAGE_TOKENS:
         raise JanusError(f"Expected image tokens of shape [B, {IMAGE_TOKENS}], got {list(tokens.shape)}.")
     vq = model.net.gen_vision_model
-    weight = vq.post_quant_conv.weight
-    decoded = vq.decode_code(tokens.to(weight.device).long(), TOKEN_GRID)
-    return images_from_decoded(decoded)
+    device = vq.post_quant_conv.weight.device
+    count = tokens.shape[0]
+    chunk = max(largest_fitting(device, count, lambda n: decode_bytes(model, n), "VQ decoding"), 1)
+    if chunk < count:
+        logger.info("VQ decoding %d images in chunks of %d (free memory)", count, chunk)
+    side = TOKEN_GRID[0] * vq.downsample_factor, TOKEN_GRID[1] * vq.downsample_factor
+    images = torch.empty(count, *side, 3)
+    for start in range(0, count, chunk):
+        codes = tokens[start:start + chunk].to(device).long()
+        images[start:start + chunk] = images_from_decoded(vq.decode_code(codes, TOKEN_GRID))
+    return images

@@ -20,6 +20,7 @@ See :func:`latent_to_sdxl_vae` for what ComfyUI's ``LATENT`` holds.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -27,10 +28,12 @@ import torch
 
 from .arguments import whole_number
 from .errors import JanusError
-from .llm import KVCache
+from .llm import KVCache, forward_bytes, kv_cache_bytes, work_buffer_bytes
+from .memory import check_fits
 from .model import JanusModel
+from .modules.uvit import convnext_activation_bytes
 from .prompts import IMAGE_TOKENS, check_same_model, encode_prompt, model_key
-from .sampling import check_guidance_weight, check_seed, row_generators
+from .sampling import GENERATOR_BYTES, check_guidance_weight, check_seed, row_generators
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +47,17 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 class FlowCFG:
     """Conditional / unconditional prompt rows of a JanusFlow generation for ``batch_size`` images.
 
-    ``input_ids [L]``: the positive prompt (BOS ... ``<begin_of_image>``). ``rows [2B, L']``: block layout,
-    cond rows first, uncond rows after (the reference pad row, or the negative prompt); shorter prompts
-    are left-padded so both share ``L'``. ``valid [2B, L'-1]`` (bool): the prompt positions the LLM may
-    attend (the last token is dropped, its position is taken by the time embedding). CPU tensors.
-    ``variant``/``model_folder`` identify the model whose tokenizer built the rows.
+    ``input_ids [L]``: the positive prompt (BOS ... ``<begin_of_image>``). ``group_rows [2, L']``: the cond
+    row and the uncond row (the reference pad row, or the negative prompt), which every image shares; shorter
+    prompts are left-padded so both share ``L'``. ``group_valid [2, L'-1]`` (bool): the prompt positions the
+    LLM may attend (the last token is dropped, its position is taken by the time embedding). CPU tensors.
+    ``rows`` / ``valid`` expand them to the reference's per-image layout. ``variant``/``model_folder``
+    identify the model whose tokenizer built the rows.
     """
 
     input_ids: torch.Tensor
-    rows: torch.Tensor
-    valid: torch.Tensor
+    group_rows: torch.Tensor
+    group_valid: torch.Tensor
     batch_size: int
     variant: str
     model_folder: str
@@ -63,7 +67,17 @@ class FlowCFG:
     @property
     def prompt_len(self) -> int:
         """Prompt positions fed to the LLM (``L' - 1``)."""
-        return self.valid.shape[1]
+        return self.group_valid.shape[1]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """``[2B, L']`` block layout, cond rows first (built on each access; the sampler uses ``group_rows``)."""
+        return self.group_rows.repeat_interleave(self.batch_size, dim=0)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[2B, L'-1]`` bool, the layout of :attr:`rows`."""
+        return self.group_valid.repeat_interleave(self.batch_size, dim=0)
 
     def attention_mask(self) -> torch.Tensor:
         """The reference's 2-D mask ``[2B, (L'-1) + 1 + 576]`` int32 (1 = attend): prompt, t_emb, z tokens."""
@@ -132,10 +146,9 @@ def build_flow_cfg(model: JanusModel, prompt: str, batch_size: int = 1,
     for i, (ids, ok) in enumerate(((cond, [True] * len(cond)), (uncond, uncond_valid))):
         rows[i, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
         valid[i, length - len(ids):] = torch.tensor(ok)
-    order = torch.tensor([0, 1]).repeat_interleave(b)
     return FlowCFG(
-        input_ids=torch.tensor(cond, dtype=torch.long), rows=rows[order], valid=valid[order, :-1],
-        batch_size=b, variant=model.variant, model_folder=model_key(model), prompt=prompt,
+        input_ids=torch.tensor(cond, dtype=torch.long), group_rows=rows, group_valid=valid[:, :-1], batch_size=b,
+        variant=model.variant, model_folder=model_key(model), prompt=prompt,
         negative_prompt=negative_prompt,
     )
 
@@ -155,17 +168,63 @@ def _latent_shape(model: JanusModel, batch: int) -> tuple[int, int, int, int]:
     return (batch, model.config.flow.latent_channels, LATENT_SIZE, LATENT_SIZE)
 
 
+def noise_bytes(model: JanusModel, batch_size: int) -> int:
+    """CPU bytes :func:`initial_noise` allocates: a generator per image, the float32 rows drawn, joined and cast."""
+    latent = math.prod(_latent_shape(model, batch_size)) * 4
+    return batch_size * GENERATOR_BYTES + 3 * latent
+
+
 def initial_noise(model: JanusModel, batch_size: int, seed: int) -> torch.Tensor:
     """Starting latent ``[B, 4, 48, 48]`` in the model's dtype and device.
 
     Row ``i`` is drawn with its own CPU generator seeded ``seed + i`` (mod 2**64, :func:`sampling.row_generators`),
     in float32, then cast; so results do not depend on the device, and image ``i`` can be regenerated alone.
-    (The reference draws with the global CPU generator directly in bfloat16.)
+    (The reference draws with the global CPU generator directly in bfloat16.) Refused with a
+    :class:`JanusError` when :func:`noise_bytes` does not fit the free RAM.
     """
     shape = _latent_shape(model, 1)
-    gens = row_generators(seed, whole_number("batch_size", batch_size, minimum=1), torch.device("cpu"))
+    batch_size = whole_number("batch_size", batch_size, minimum=1)
+    check_fits("cpu", noise_bytes(model, batch_size), "JanusFlow starting noise", batch_size)
+    gens = row_generators(seed, batch_size, torch.device("cpu"))
     z = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
     return z.to(device=model.device, dtype=model.dtype)
+
+
+def _grid_positions(model: JanusModel) -> int:
+    """Pixels of the UViT feature grid (24 x 24 for the release: the 576 image tokens)."""
+    f = model.config.flow
+    side = (LATENT_SIZE + 2 * f.padding - f.kernel_size) // f.stride + 1
+    return side * side
+
+
+def flow_bytes(model: JanusModel, pair: FlowCFG, cfg_weight: float = 2.0) -> int:
+    """Peak bytes :func:`iter_flow_steps` allocates on the model's device for ``pair`` (beyond the weights).
+
+    Held through the run: the KV cache of ``2B`` rows (``B`` when ``cfg_weight == 1``) x (prompt + 577) positions
+    and the latents. On top, the largest phase: the prompt prefill; the UViT encoder on ``B`` latents; or a step's
+    LLM inputs with either the LLM forward over 577 positions or the LLM output, its norm and the UViT decoder.
+    """
+    f, spec, dtype, device = model.config.flow, model.config.llm, model.dtype, model.device
+    size, hidden = dtype.itemsize, spec.hidden_size
+    b = pair.batch_size
+    groups = 2 if cfg_weight != 1.0 else 1
+    rows, prompt = groups * b, pair.prompt_len
+    new, grid = 1 + IMAGE_TOKENS, _grid_positions(model)
+    context = prompt + new
+    prefill = kv_cache_bytes(spec, groups, prompt, dtype) + forward_bytes(spec, groups, prompt, prompt, dtype, device)
+    latents = 4 * b * f.latent_channels * LATENT_SIZE * LATENT_SIZE * 4  # noise, z, dt, next z (float32 at most)
+    encoder = convnext_activation_bytes(f.enc_channels, grid, b, dtype)
+    inputs = (b * grid + rows * new) * hidden * size + rows * f.enc_channels * grid * size  # tokens, x, skip
+    llm = forward_bytes(spec, rows, new, context, dtype, device)
+    decoder = (work_buffer_bytes(spec, rows, new, dtype) + rows * new * hidden * size  # LLM buffers and output
+               + rows * grid * hidden * (8 + 2 * size)  # its float32 norm
+               + convnext_activation_bytes(f.enc_channels + f.dec_channels, grid, rows, dtype))
+    held = kv_cache_bytes(spec, rows, context, dtype) + latents
+    return held + max(prefill, encoder, inputs + max(llm, decoder))
+
+
+def _check_fits(model: JanusModel, pair: FlowCFG, cfg_weight: float) -> None:
+    check_fits(model.device, flow_bytes(model, pair, cfg_weight), "JanusFlow generation", pair.batch_size)
 
 
 def _check_run_args(model: JanusModel, pair: FlowCFG, z: torch.Tensor, steps: int, cfg_weight: float
@@ -189,17 +248,18 @@ def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps
     """Run the Euler ODE from ``noise [B, 4, 48, 48]`` and yield a :class:`FlowStep` after every step.
 
     The last yielded ``z`` is the final latent (model space). Arguments as :func:`generate_flow_latents`.
+    Refused with a :class:`JanusError` when :func:`flow_bytes` does not fit the device's free memory.
     """
     steps, cfg_weight = _check_run_args(model, pair, noise, steps, cfg_weight)
     net, runner, device, dtype = model.net, model.llm, model.device, model.dtype
     b, prefix_len = pair.batch_size, pair.prompt_len
     guided = cfg_weight != 1.0
     groups = 2 if guided else 1
+    _check_fits(model, pair, cfg_weight)
     # Prefill each distinct prompt row once, then hand it to every image's row.
-    distinct = torch.arange(groups) * b
     prefix = KVCache.allocate(runner, groups, prefix_len, with_mask=True)
-    runner.forward(runner.embed(pair.rows[distinct, :prefix_len].to(device)), prefix,
-                   new_valid=pair.valid[distinct].to(device))
+    runner.forward(runner.embed(pair.group_rows[:groups, :prefix_len].to(device)), prefix,
+                   new_valid=pair.group_valid[:groups].to(device))
     cache = KVCache.allocate(runner, groups * b, prefix_len + 1 + IMAGE_TOKENS, with_mask=True)
     prefix.copy_prefix_into(cache, slice(None), torch.arange(groups, device=device).repeat_interleave(b))
     del prefix
@@ -244,7 +304,8 @@ def generate_flow_latents(model: JanusModel, prompt: str | FlowCFG, batch_size: 
     :func:`initial_noise`). ``cfg_weight`` 1 = no guidance. ``callback(step, total, z)`` runs after every
     step with ``step`` = steps done (1..total); an exception from it stops the loop and propagates.
     Decode with ``vae.decode(latent_to_sdxl_vae(z))``. Image ``i`` uses seed ``seed + i`` (mod 2**64; ``seed``
-    in 0..2**64 - 1).
+    in 0..2**64 - 1). A batch that does not fit the device's free memory (:func:`flow_bytes`) is refused with a
+    :class:`JanusError` before the noise is drawn.
     """
     _require_flow(model)
     seed = check_seed(seed)
@@ -259,6 +320,8 @@ def generate_flow_latents(model: JanusModel, prompt: str | FlowCFG, batch_size: 
         pair = prompt
     else:
         pair = build_flow_cfg(model, prompt, 1 if batch_size is None else batch_size, negative_prompt)
+    # the whole run before drawing the noise, so a batch that cannot run is refused before anything is allocated
+    _check_fits(model, pair, cfg_weight)
     z = initial_noise(model, pair.batch_size, seed) if noise is None else noise
     final = None
     for st in iter_flow_steps(model, pair, z, steps, cfg_weight):

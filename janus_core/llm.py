@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 # Up to this many rows, bfloat16 CPU matmuls use the ``weight @ x.T`` operand order (see module doc).
 SMALL_ROWS = 256
 COMPILE_ENV = "JANUS_COMPILE"
+# Devices whose scaled_dot_product_attention kernels never materialise the attention scores (memory estimates).
+FUSED_ATTENTION_DEVICES = ("cpu", "cuda")
 
 
 class Scratch:
@@ -78,6 +80,37 @@ def work_buffer_bytes(spec: LlamaSpec, rows: int, tokens: int, dtype: torch.dtyp
     elements = 3 * spec.hidden_size + (q + 2 * kv) + 2 * q + 2 * kv + 2 * q + 2 * spec.intermediate_size
     norm_f32 = 0 if dtype == torch.float32 else 4 * spec.hidden_size
     return rows * tokens * (elements * dtype.itemsize + norm_f32)
+
+
+def forward_bytes(spec: LlamaSpec, rows: int, tokens: int, context: int, dtype: torch.dtype,
+                  device: torch.device) -> int:
+    """Peak bytes one :meth:`LlamaRunner.forward` of ``tokens`` new positions attending ``context`` positions
+    allocates besides its :class:`KVCache`: the work buffers (:func:`work_buffer_bytes`), one layer's attention
+    temporaries and the final-norm output ``[rows, tokens, hidden]``.
+
+    Attention temporaries: k / v repeated to every head when the model has fewer key/value heads (GQA), and for
+    a multi-token block the boolean masks and their conversion to ``dtype`` ``[rows, 1, tokens, context]``.
+    Off the CPU and CUDA (whose fused kernels never hold them) the ``[rows, heads, tokens, context]`` float32
+    scores and probabilities count too: MPS and torch's math fallback materialise them.
+    """
+    size = dtype.itemsize
+    heads, d = spec.num_attention_heads, spec.head_dim
+    attention = 0
+    if spec.num_key_value_heads != heads:
+        attention += 2 * rows * heads * context * d * size
+    if tokens > 1:
+        attention += rows * tokens * context * (2 + size) + 2 * tokens * context
+    if device.type not in FUSED_ATTENTION_DEVICES:
+        attention += 2 * rows * heads * tokens * context * 4
+    final_norm = rows * tokens * spec.hidden_size * (size + (0 if dtype == torch.float32 else 4))
+    return work_buffer_bytes(spec, rows, tokens, dtype) + attention + final_norm
+
+
+def kv_cache_bytes(spec: LlamaSpec, rows: int, positions: int, dtype: torch.dtype) -> int:
+    """Bytes of a :class:`KVCache` for ``rows`` sequences of ``positions`` tokens in ``dtype``: keys and values of
+    every layer, plus the boolean validity mask."""
+    per_position = 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * dtype.itemsize + 1
+    return rows * positions * per_position
 
 
 @dataclass

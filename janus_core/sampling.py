@@ -16,6 +16,12 @@ from .errors import JanusError
 
 SEED_MAX = 2**64 - 1  # 0xffffffffffffffff, the maximum of ComfyUI's seed widgets
 
+# Memory estimates: a CPU generator's state (mt19937, ~2.7 kB measured), and the float32 / int64 work of CFG
+# mixing and top-k / top-p sampling per logit of one row (measured peak: 32 bytes with CFG, top-k and top-p).
+GENERATOR_BYTES = 4096
+SAMPLING_BYTES_PER_LOGIT = 40
+
+
 
 def check_seed(seed: object) -> int:
     """``seed`` as an ``int`` in ``0..SEED_MAX`` (whole numbers only, see :mod:`janus_core.arguments`)."""

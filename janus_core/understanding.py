@@ -21,10 +21,12 @@ from PIL import Image
 from .arguments import whole_number
 from .errors import JanusError
 from .images import ImagesArg, to_pil_images
-from .llm import KVCache
+from .llm import KVCache, forward_bytes, kv_cache_bytes, work_buffer_bytes
+from .memory import check_fits
 from .model import JanusModel
+from .modules.siglip import vit_activation_bytes
 from .processor import UnderstandingInputs, check_question, understanding_inputs
-from .sampling import check_sampling_args, check_seed, row_generators, sample_next
+from .sampling import SAMPLING_BYTES_PER_LOGIT, check_sampling_args, check_seed, row_generators, sample_next
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +74,11 @@ def understanding_embeds(model: JanusModel, images: ImagesArg, question: str,
 
 
 def _keep_rows(cache: KVCache, rows: torch.Tensor) -> None:
-    """Shrink ``cache`` in place to the batch rows ``rows``."""
-    cache.keys = [k[rows] for k in cache.keys]
-    cache.values = [v[rows] for v in cache.values]
+    """Shrink ``cache`` in place to the batch rows ``rows``, one tensor at a time (a copy of all layers at once
+    would need the cache's memory twice)."""
+    for tensors in (cache.keys, cache.values):
+        for i, t in enumerate(tensors):
+            tensors[i] = t[rows]
     if cache.valid is not None:
         cache.valid = cache.valid[rows]
 
@@ -133,6 +137,41 @@ def generate_text_ids(model: JanusModel, prompts: Sequence[torch.Tensor], max_ne
     return answers
 
 
+def _answer_bytes(model: JanusModel, num_images: int, prompt_len: int, max_new_tokens: int, per_image: bool) -> int:
+    """Peak bytes :func:`understand` allocates on the model's device (see :func:`understanding_bytes`)."""
+    spec, dtype, device = model.config.llm, model.dtype, model.device
+    size, hidden, vit = dtype.itemsize, spec.hidden_size, model.config.siglip
+    image_rows = model.config.num_image_tokens + 1  # JanusFlow adds a begin-of-understanding row
+    vision = (num_images * 3 * vit.image_size ** 2 * (4 + size)  # float32 pixels and their cast
+              + vit_activation_bytes(vit.width, vit.mlp_ratio, vit.num_patches, num_images, dtype)
+              + 3 * num_images * image_rows * hidden * size)  # the aligner's activations
+    rows = num_images if per_image else 1
+    context = prompt_len + max_new_tokens
+    cache = kv_cache_bytes(spec, rows, context, dtype)
+    held = (num_images * image_rows * hidden * size  # image features
+            + 2 * rows * prompt_len * hidden * size  # the fused prompts and their padded batch
+            + cache)
+    prefill = forward_bytes(spec, rows, prompt_len, prompt_len, dtype, device)
+    decode = (work_buffer_bytes(spec, rows, prompt_len, dtype)  # the prefill's buffers, replaced one by one
+              + forward_bytes(spec, rows, 1, context, dtype, device)
+              + rows * spec.vocab_size * (size + SAMPLING_BYTES_PER_LOGIT)
+              + 2 * cache // (2 * spec.num_hidden_layers))  # _keep_rows: one layer's keys, old and new copy
+    return max(vision, held + max(prefill, decode))
+
+
+def understanding_bytes(model: JanusModel, num_images: int, question: str, max_new_tokens: int = 512,
+                        per_image: bool = True, system_prompt: str | None = None) -> int:
+    """Peak bytes :func:`understand` allocates on the model's device (beyond the weights) for ``num_images``.
+
+    The larger of the vision phase (pixels, SigLIP and aligner activations of every image at once) and the text
+    phase: image features, the prompts, the KV cache of one row per prompt for prompt + ``max_new_tokens``
+    positions, with the prefill forward or a decode step (its logits and sampling, a row-dropping copy).
+    """
+    per_prompt = 1 if per_image else num_images
+    prompt_len = _prompt_inputs(model, question, per_prompt, system_prompt).input_ids.shape[0]
+    return _answer_bytes(model, num_images, prompt_len, max_new_tokens, per_image)
+
+
 def understand(model: JanusModel, images: ImagesArg, question: str, max_new_tokens: int = 512,
                temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, system_prompt: str | None = None,
                per_image: bool = True, callback: Callback | None = None) -> list[str]:
@@ -143,7 +182,8 @@ def understand(model: JanusModel, images: ImagesArg, question: str, max_new_toke
     prompt showing all images. ``temperature == 0`` is greedy; otherwise sampling with ``top_p`` and
     seed ``seed + i`` for answer ``i``. ``system_prompt`` None uses DeepSeek's default, ``""`` none.
     ``callback(step, max_new_tokens)`` runs after every generated token; an exception it raises stops
-    generation and propagates.
+    generation and propagates. Refused with a :class:`JanusError` when the run (:func:`understanding_bytes`)
+    does not fit the device's free memory.
     """
     check_question(question)
     max_new_tokens = whole_number("max_new_tokens", max_new_tokens, minimum=1)
@@ -163,6 +203,8 @@ def understand(model: JanusModel, images: ImagesArg, question: str, max_new_toke
             "max_new_tokens, shorten the question or use fewer images per prompt."
         )
 
+    check_fits(model.device, _answer_bytes(model, len(pil), prompt_len, max_new_tokens, per_image),
+               "Image understanding", len(pil), fix="use fewer images at once or lower max_new_tokens")
     with torch.inference_mode():
         features = _image_features(model, pil)
         prompts, start = [], 0

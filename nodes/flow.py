@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from janus_core.errors import JanusError
-from janus_core.generate_flow import FlowCFG, initial_noise, iter_flow_steps, latent_to_sdxl_vae
-from janus_core.prompts import IMAGE_TOKENS
+from janus_core.generate_flow import FlowCFG, flow_bytes, initial_noise, iter_flow_steps, latent_to_sdxl_vae
 from janus_core.sampling import SEED_MAX
 
 from . import comfy_services as comfy
-from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes
+from .loader import JanusModelHandle
 from .text_to_image import model_input
 
 
@@ -37,9 +36,7 @@ class DSJanusFlowSampler:
         if not isinstance(cfg_pair, FlowCFG):
             raise JanusError("This CFG pair was built for a Janus / Janus-Pro model; the flow sampler needs one "
                              "built with a JanusFlow model.")
-        rows = 2 * cfg_pair.batch_size if cfg_weight != 1.0 else cfg_pair.batch_size
-        m = model.ready(kv_cache_bytes(model.model, rows, cfg_pair.prompt_len + 1 + IMAGE_TOKENS)
-                        + forward_buffer_bytes(model.model, rows, 1 + IMAGE_TOKENS))
+        m = model.ready(flow_bytes(model.model, cfg_pair, cfg_weight))
         progress = comfy.Progress(steps)
         previewer = comfy.sdxl_latent_previewer(m.device)  # z is SDXL-scaled, as ComfyUI's previewers expect
         z = None

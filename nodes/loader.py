@@ -9,7 +9,6 @@ import torch
 
 from janus_core.errors import CheckpointError
 from janus_core.hub import KNOWN_RELEASES, download_model, escape_reason, is_model_folder, known_name
-from janus_core.llm import work_buffer_bytes
 from janus_core.model import JanusModel, default_dtype, load_model
 
 from . import comfy_services as comfy
@@ -36,7 +35,9 @@ class JanusModelHandle:
     def ready(self, memory_required: int = 0) -> JanusModel:
         """Load the weights onto the compute device (again, if ComfyUI offloaded them) and return the model.
 
-        ``memory_required``: bytes the coming run needs beyond the weights (KV cache), so ComfyUI can make room.
+        ``memory_required``: bytes the coming run needs beyond the weights (janus_core's estimate of its KV cache
+        and activations), so ComfyUI can make room. The library checks the same estimate against the free memory
+        when the run starts, i.e. after this made room.
         """
         comfy.ensure_loaded(self.patcher, self.model.net, self.device, memory_required)
         self.model.pack_projections()  # a (re)load moves parameters one by one, which un-joins them
@@ -44,18 +45,6 @@ class JanusModelHandle:
 
     def __repr__(self) -> str:
         return f"JanusModelHandle({self.model!r})"
-
-
-def forward_buffer_bytes(model: JanusModel, rows: int, tokens: int) -> int:
-    """Bytes of the LLM's work buffers for a forward over ``tokens`` new positions of ``rows`` sequences."""
-    return work_buffer_bytes(model.config.llm, rows, tokens, model.dtype)
-
-
-def kv_cache_bytes(model: JanusModel, rows: int, positions: int) -> int:
-    """Bytes of the LLM's KV cache for ``rows`` sequences of ``positions`` tokens (the bulk of a run's memory)."""
-    spec = model.config.llm
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * spec.num_hidden_layers * rows * spec.num_key_value_heads * spec.head_dim * positions * itemsize
 
 
 def model_choices() -> list[str]:

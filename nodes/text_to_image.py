@@ -9,14 +9,22 @@ import torch
 from PIL import Image
 
 from janus_core.errors import JanusError
-from janus_core.generate_ar import TOKEN_GRID, CFGPair, build_cfg_pair, decode_image_tokens, generate_image_tokens
+from janus_core.generate_ar import (
+    TOKEN_GRID,
+    CFGPair,
+    build_cfg_pair,
+    decode_bytes,
+    decode_image_tokens,
+    generate_image_tokens,
+    generation_bytes,
+)
 from janus_core.generate_flow import build_flow_cfg
 from janus_core.images import images_from_decoded
 from janus_core.prompts import IMAGE_TOKENS, PromptTokens, encode_prompt
 from janus_core.sampling import SEED_MAX
 
 from . import comfy_services as comfy
-from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes
+from .loader import JanusModelHandle
 
 PREVIEW_EVERY = 48  # tokens (two rows of the 24x24 grid)
 PREVIEW_TIME_BUDGET = 0.1  # previews may take at most this share of the sampling time (VQ decode is slow on CPUs)
@@ -150,9 +158,7 @@ class DSJanusARSampler:
         if not isinstance(cfg_pair, CFGPair):
             raise JanusError("This CFG pair was built for a JanusFlow model; the AR sampler needs one built with "
                              "a Janus / Janus-Pro model.")
-        prompt_len = max(cfg_pair.cond_ids.shape[-1], cfg_pair.uncond_ids.shape[-1])
-        m = model.ready(kv_cache_bytes(model.model, 2 * cfg_pair.batch_size, prompt_len + IMAGE_TOKENS)
-                        + forward_buffer_bytes(model.model, 2, prompt_len))  # the prompt is prefilled on 2 rows
+        m = model.ready(generation_bytes(model.model, cfg_pair))
         progress = comfy.Progress(IMAGE_TOKENS)
         schedule = PreviewSchedule() if comfy.previews_enabled() else None
 
@@ -185,7 +191,7 @@ class DSJanusVQDecode:
         }}
 
     def decode(self, model: JanusModelHandle, tokens: ImageTokens):
-        m = model.ready()
+        m = model.ready(decode_bytes(model.model, tokens.tokens.shape[0]))
         if tokens.model_folder != str(m.folder):
             raise JanusError(f"These tokens come from {tokens.model_folder}; decode them with that model, not "
                              f"{m.folder} (each model has its own VQ codebook).")

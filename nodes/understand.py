@@ -6,15 +6,13 @@ import torch
 
 from janus_core.images import to_pil_images
 from janus_core.sampling import SEED_MAX
-from janus_core.understanding import understand
+from janus_core.understanding import understand, understanding_bytes
 
 from . import comfy_services as comfy
-from .loader import JanusModelHandle, forward_buffer_bytes, kv_cache_bytes
+from .loader import JanusModelHandle
 from .text_to_image import model_input
 
 MODES = ["per image", "all images in one question"]
-IMAGE_BLOCK = 577  # image positions per image (576; JanusFlow adds a begin-of-understanding embedding)
-PROMPT_ALLOWANCE = 256  # system prompt, roles and question, for the memory estimate
 
 
 class DSJanusUnderstand:
@@ -51,10 +49,7 @@ class DSJanusUnderstand:
                max_new_tokens: int, temperature: float, top_p: float, seed: int):
         per_image = mode == MODES[0]
         images = to_pil_images(image, model.model.image_processor.background)  # checked before the model loads
-        rows, images_per_row = (len(images), 1) if per_image else (1, len(images))
-        positions = images_per_row * (IMAGE_BLOCK + 2) + PROMPT_ALLOWANCE + max_new_tokens
-        m = model.ready(kv_cache_bytes(model.model, rows, positions)
-                        + forward_buffer_bytes(model.model, rows, positions))
+        m = model.ready(understanding_bytes(model.model, len(images), question, max_new_tokens, per_image))
         progress = comfy.Progress(max_new_tokens)
         answers = understand(m, images, question, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, seed=seed, per_image=per_image,

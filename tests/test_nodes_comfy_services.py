@@ -13,9 +13,11 @@ import torch
 from conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, node_model
 from PIL import Image
 
+from janus_core import memory
 from janus_core.errors import CheckpointError
-from janus_core.generate_ar import IMAGE_TOKENS
-from janus_core.generate_flow import initial_noise, iter_flow_steps
+from janus_core.generate_ar import IMAGE_TOKENS, TOKEN_GRID, decode_bytes, generation_bytes
+from janus_core.generate_flow import flow_bytes, initial_noise, iter_flow_steps
+from janus_core.understanding import understanding_bytes
 from nodes import comfy_services as cs
 from nodes import text_to_image
 from nodes.flow import DSJanusFlowSampler
@@ -23,8 +25,6 @@ from nodes.loader import (
     DOWNLOAD_SUFFIX,
     DSJanusModelLoader,
     JanusModelHandle,
-    forward_buffer_bytes,
-    kv_cache_bytes,
     local_model_folder,
     model_choices,
 )
@@ -33,6 +33,8 @@ from nodes.text_to_image import (
     DSJanusARSampler,
     DSJanusCFGPair,
     DSJanusPromptEncoder,
+    DSJanusVQDecode,
+    ImageTokens,
     partial_grid_preview,
 )
 from nodes.understand import DSJanusUnderstand
@@ -315,10 +317,8 @@ def test_ar_sampler_full_run_with_progress(pro_handle, tmp_path, monkeypatch):
     assert tokens.tokens.shape == (2, IMAGE_TOKENS) and tokens.tokens.device.type == "cpu"
     assert len(fake.updates) == IMAGE_TOKENS and fake.updates[-1][0] == IMAGE_TOKENS
     assert all(u[2] is None for u in fake.updates)
-    # the KV cache of 2 x batch rows is announced to ComfyUI's memory manager
-    prompt_len = pair.cond_ids.shape[-1]
-    expected = (kv_cache_bytes(pro_handle.model, 4, prompt_len + IMAGE_TOKENS)
-                + forward_buffer_bytes(pro_handle.model, 2, prompt_len))
+    # janus_core's estimate of the run (KV cache of 2 x batch rows, buffers, logits) is announced to ComfyUI
+    expected = generation_bytes(pro_handle.model, pair)
     assert fake.loads == [(["patcher"], True, expected)] and expected > 0
 
 
@@ -370,3 +370,48 @@ def test_understand_progress_and_cancel(pro_handle, tmp_path, monkeypatch):
         DSJanusUnderstand().answer(pro_handle, image, "What is this?", "per image", max_new_tokens=50,
                                    temperature=0.0, top_p=0.95, seed=0)
     assert len(fake.updates) <= 2
+
+
+class MemoryChecked(Exception):
+    pass
+
+
+@pytest.mark.parametrize("node", ["ar", "decode", "flow", "understand"])
+def test_nodes_make_room_for_the_estimate_before_the_library_checks(node, pro_handle, flow_handle, tmp_path,
+                                                                    monkeypatch):
+    """Each node announces janus_core's estimate to ComfyUI's memory manager, which makes room; only then does the
+    library compare its estimate with the free memory (and refuse a run that still does not fit)."""
+    handle = flow_handle if node == "flow" else pro_handle
+    monkeypatch.setattr(handle, "patcher", "patcher")
+    fake = FakeComfy(tmp_path).install(monkeypatch, previews=False)
+    events: list[tuple] = []
+    fake.mm.load_models_gpu = lambda models, memory_required=0, force_full_load=False: events.append(
+        ("load_models_gpu", memory_required))
+
+    def free_bytes(device):
+        events.append(("free_bytes",))
+        raise MemoryChecked
+
+    monkeypatch.setattr(memory, "free_bytes", free_bytes)
+    model = handle.model
+    with pytest.raises(MemoryChecked):
+        if node == "ar":
+            pair = _ar_pair(handle, batch_size=2)
+            expected = generation_bytes(model, pair)
+            DSJanusARSampler().sample(handle, pair, seed=0, cfg_weight=5.0, temperature=1.0, top_k=0, top_p=1.0)
+        elif node == "decode":
+            codes = torch.zeros(3, IMAGE_TOKENS, dtype=torch.long)
+            expected = decode_bytes(model, 3)
+            DSJanusVQDecode().decode(handle, ImageTokens(codes, TOKEN_GRID, str(model.folder)))
+        elif node == "flow":
+            prompt = DSJanusPromptEncoder().encode(handle, "a lighthouse")[0]
+            pair = DSJanusCFGPair().build(handle, prompt, 2)[0]
+            expected = flow_bytes(model, pair, 1.0)
+            DSJanusFlowSampler().sample(handle, pair, seed=0, steps=3, cfg_weight=1.0)
+        else:
+            image = torch.rand(2, 32, 48, 3)
+            expected = understanding_bytes(model, 2, "What is this?", 7, per_image=False)
+            DSJanusUnderstand().answer(handle, image, "What is this?", "all images in one question",
+                                       max_new_tokens=7, temperature=0.0, top_p=0.95, seed=0)
+    assert events[0] == ("load_models_gpu", expected) and expected > 0
+    assert events[1:] == [("free_bytes",)]

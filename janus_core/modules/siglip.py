@@ -16,6 +16,15 @@ from janus_core.errors import JanusError
 LN_EPS = 1e-6
 
 
+def vit_activation_bytes(width: int, mlp_ratio: float, tokens: int, batch: int, dtype: torch.dtype) -> int:
+    """Peak bytes of a :class:`SigLIPViT`'s activations for ``batch`` images of ``tokens`` patches in ``dtype``.
+
+    One block at a time holds its input, the normed copy, the attention output and the MLP's hidden layer
+    before and after GELU: ``3 + 2 * mlp_ratio`` widths per token measured on the CPU; one more width here.
+    """
+    return int((4 + 2 * mlp_ratio) * width) * tokens * batch * dtype.itemsize
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patch embedding: [B, 3, H, W] -> [B, (H/p)*(W/p), width] (row-major over the grid)."""
 
