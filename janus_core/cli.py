@@ -22,6 +22,7 @@ from typing import NoReturn
 
 import torch
 
+from .config import AR_VARIANTS
 from .errors import JanusError
 
 logger = logging.getLogger("janus_core")
@@ -78,6 +79,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
                         help="weight precision (auto: bf16, or fp16 on GPUs without bf16)")
+    parser.add_argument("--variant", choices=["auto", *AR_VARIANTS], default="auto",
+                        help="prompt roles: auto detects them from the checkpoint's tokenizer files; force "
+                        "janus-pro (<|User|>) or janus-1.3b (User) for renamed or re-uploaded copies")
     parser.add_argument("--seed", type=SEED, metavar="N", default=0, help="image/answer i uses seed + i")
 
 
@@ -156,8 +160,9 @@ def _load(args: argparse.Namespace):
         refuse_unless_needed(KNOWN_RELEASES[short].kind)
     models_dir = Path(args.models_dir)
     path = resolve_model_path(args.model, [models_dir], download_dir=models_dir)
-    refuse_unless_needed(ModelKind.of(load_config(path)))
-    return load_model(path, device=args.device, dtype=DTYPES[args.dtype])
+    variant = None if args.variant == "auto" else args.variant
+    refuse_unless_needed(ModelKind.of(load_config(path, variant=variant)))
+    return load_model(path, device=args.device, dtype=DTYPES[args.dtype], variant=variant)
 
 
 class _LogProgress:

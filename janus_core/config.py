@@ -365,7 +365,8 @@ def detect_variant(cfg: dict, folder: Path | None = None) -> str:
     raise CheckpointError(
         f"{where} Janus-Pro from Janus-1.3B (they need different prompt roles). Copy "
         "special_tokens_map.json from the release into the folder, or choose the variant: pick it in the Janus "
-        "Model Loader node, or pass variant='janus-pro' (Janus-Pro-1B/7B) or variant='janus-1.3b' to load_model."
+        "Model Loader node, pass --variant janus-pro (Janus-Pro-1B/7B) or --variant janus-1.3b on the command "
+        "line, or variant='janus-pro' / 'janus-1.3b' to load_model."
     )
 
 

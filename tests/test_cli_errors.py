@@ -5,8 +5,10 @@ Every stderr line must be one of ours (INFO progress or the single ERROR): no tr
 """
 
 import argparse
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +174,17 @@ def test_flow_decoding_without_diffusers_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
     with pytest.raises(JanusError, match="needs diffusers: pip install diffusers"):
         load_sdxl_vae(FLOW_TINY / "vae")
+
+
+def test_variant_flag_loads_a_folder_whose_files_cannot_tell_the_variant(tmp_path, caplog):
+    folder = tmp_path / "renamed-copy"
+    shutil.copytree(PRO_TINY, folder, ignore=shutil.ignore_patterns("golden", "special_tokens_map.json"))
+    argv = ["understand", "--model", str(folder), "--image", str(IMAGE_PATH), "--max-new-tokens", "2",
+            "--dtype", "fp32"]
+    assert cli.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "--variant janus-pro" in errors[0]
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert cli.main([*argv, "--variant", "janus-pro"]) == 0
+    assert any(r.getMessage().startswith("janus-pro: ") for r in caplog.records)
