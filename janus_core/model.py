@@ -264,8 +264,8 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     image_processor = ImagePreprocessor.from_folder(folder)
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
-    if not dtype.is_floating_point:
-        raise CheckpointError(f"dtype must be a floating point torch dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise JanusError(f"dtype must be a floating point torch dtype such as torch.bfloat16, got {dtype!r}.")
     if config.llm.vocab_size < tokenizer.vocab_size:
         raise CheckpointError(
             f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary has "

@@ -3,7 +3,11 @@
 import importlib
 import pkgutil
 
+import pytest
+import torch
+
 import janus_core
+from tests.conftest import PRO_TINY
 
 
 def test_every_export_is_stable_after_importing_every_submodule():
@@ -16,3 +20,9 @@ def test_every_export_is_stable_after_importing_every_submodule():
         assert again is first[name], name
         assert not isinstance(again, type(janus_core)), f"janus_core.{name} is a module, not the API object"
     assert callable(janus_core.understand) and janus_core.understand.__module__ == "janus_core.understanding"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", torch.int8, 16])
+def test_load_model_refuses_a_dtype_that_is_not_a_floating_torch_dtype(dtype):
+    with pytest.raises(janus_core.JanusError, match="floating point torch dtype"):
+        janus_core.load_model(PRO_TINY, dtype=dtype)
