@@ -2,8 +2,10 @@
 limits (denoise 1 = text-to-image bit for bit and the reference golden, denoise -> 0 = the input), masks,
 per-image seeds and the errors for bad inputs."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 import janus_core
 from janus_core.errors import JanusError
@@ -14,7 +16,8 @@ from janus_core.generate_flow import (
     initial_noise,
     iter_flow_steps,
 )
-from tests.conftest import FLOW_TINY, PRO_TINY, golden
+from janus_core.sdxl_vae import decode_latents, encode_images, load_sdxl_vae
+from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, golden
 
 STEPS = 5
 CFG = 2.0
@@ -193,3 +196,27 @@ def test_init_latent_with_an_autoregressive_model(latent):
     pro = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.float32)
     with pytest.raises(JanusError, match="init_latent .* needs a JanusFlow model.*init_tokens"):
         generate_flow_latents(pro, "a cat", steps=1, init_latent=latent[:1], denoise=0.5)
+
+
+# --- encoding images in plain Python ---------------------------------------------------------------------
+
+def test_encode_images_for_img2img(model, pair):
+    pytest.importorskip("diffusers", reason="diffusers is optional (pip install diffusers) and not installed")
+    vae = load_sdxl_vae(FLOW_TINY / "vae", device="cpu", dtype=torch.float32)
+    picture = ImageOps.fit(Image.open(IMAGE_PATH).convert("RGB"), (384, 384))
+    z = encode_images(vae, [picture, picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    assert z.shape == (2, 4, 48, 48) and z.dtype == torch.float32
+    # ComfyUI's VAE Encode: the latent distribution's mean of pixels in [-1, 1], then JanusFlow's scaling
+    pixels = torch.from_numpy(np.array(picture)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    with torch.inference_mode():
+        mean = vae.encode(pixels.contiguous()).latent_dist.mean
+    torch.testing.assert_close(z[:1], mean * 0.13025, rtol=0, atol=1e-4)  # batch of 2 vs 1: rounding
+    # an IMAGE tensor gives the same latents; decoding them is the VAE round trip
+    image = torch.from_numpy(np.array(picture)).float()[None] / 255.0
+    torch.testing.assert_close(encode_images(vae, image), mean * 0.13025)
+    assert decode_latents(vae, z).shape == (2, 384, 384, 3)
+    # and they seed img2img: denoise -> 0 gives them back
+    out = generate_flow_latents(model, pair, steps=2, init_latent=z, denoise=1e-6)
+    torch.testing.assert_close(out, z, rtol=0, atol=1e-4)
+    with pytest.raises(JanusError, match="needs 384x384 images, got 300x200; scale or crop"):
+        encode_images(vae, Image.open(IMAGE_PATH))
