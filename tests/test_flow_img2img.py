@@ -1,6 +1,6 @@
 """JanusFlow img2img and inpainting (init_latent, denoise, noise_mask) on janusflow-tiny: the schedule rule, its
 limits (denoise 1 = text-to-image bit for bit and the reference golden, denoise -> 0 = the input), masks,
-per-image seeds and the errors for bad inputs."""
+per-image seeds, the errors for bad inputs, and the JanusFlow ODE Sampler node with a LATENT input."""
 
 import numpy as np
 import pytest
@@ -11,13 +11,19 @@ import janus_core
 from janus_core.errors import JanusError
 from janus_core.generate_flow import (
     build_flow_cfg,
+    flow_bytes,
     flow_times,
     generate_flow_latents,
     initial_noise,
     iter_flow_steps,
+    latent_to_sdxl_vae,
+    sdxl_vae_to_latent,
 )
 from janus_core.sdxl_vae import decode_latents, encode_images, load_sdxl_vae
-from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, golden
+from nodes import comfy_services
+from nodes.flow import DSJanusFlowSampler
+from nodes.text_to_image import DSJanusCFGPair, DSJanusPromptEncoder
+from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, golden, node_model
 
 STEPS = 5
 CFG = 2.0
@@ -196,6 +202,78 @@ def test_init_latent_with_an_autoregressive_model(latent):
     pro = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.float32)
     with pytest.raises(JanusError, match="init_latent .* needs a JanusFlow model.*init_tokens"):
         generate_flow_latents(pro, "a cat", steps=1, init_latent=latent[:1], denoise=0.5)
+
+
+# --- the JanusFlow ODE Sampler node with a LATENT ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def handle():
+    return node_model(FLOW_TINY)
+
+
+@pytest.fixture(scope="module")
+def node_pair(handle):
+    prompt = DSJanusPromptEncoder().encode(handle, "Sunset over the sea.")[0]
+    return DSJanusCFGPair().build(handle, prompt, 2)[0]
+
+
+def test_node_img2img_from_a_vae_encode_latent(handle, node_pair, latent, monkeypatch):
+    """VAE Encode's samples are unscaled SDXL-VAE latents; the node scales them, honours denoise, and returns
+    unscaled samples again. The preview shows the kept input where the mask keeps it."""
+    samples = latent_to_sdxl_vae(latent[:1])
+    out = DSJanusFlowSampler().sample(handle, node_pair, 5, 3, 2.0, latent={"samples": samples}, denoise=0.6)[0]
+    expected = generate_flow_latents(handle.model, node_pair, seed=5, steps=3, cfg_weight=2.0,
+                                     init_latent=sdxl_vae_to_latent(samples), denoise=0.6)
+    assert set(out) == {"samples"} and out["samples"].shape == (2, 4, 48, 48)
+    assert torch.equal(out["samples"], latent_to_sdxl_vae(expected))
+    plain = DSJanusFlowSampler().sample(handle, node_pair, 5, 3, 2.0)[0]
+    assert torch.equal(DSJanusFlowSampler().sample(handle, node_pair, 5, 3, 2.0, latent={"samples": samples},
+                                                   denoise=1.0)[0]["samples"], plain["samples"])
+
+    # Set Latent Noise Mask: [N, 1, H, W] at the image's resolution, 1 = regenerate
+    previews = []
+    monkeypatch.setattr(comfy_services, "sdxl_latent_previewer", lambda device: previews.append)
+    mask = half_mask(1, 384)
+    out = DSJanusFlowSampler().sample(handle, node_pair, 5, 3, 2.0, latent={"samples": samples, "noise_mask": mask},
+                                      denoise=0.6)[0]["samples"]
+    keep = (slice(None), slice(None), slice(None), slice(24, None))
+    torch.testing.assert_close(out[keep], samples.expand(2, -1, -1, -1)[keep], rtol=1e-6, atol=1e-6)
+    assert (out[..., :24] - samples[..., :24]).abs().max() > 1e-2
+    assert len(previews) == 3
+    for p in previews:
+        torch.testing.assert_close(p[keep], latent[:1][keep], rtol=1e-6, atol=1e-6)
+
+
+def test_node_announces_the_img2img_estimate(handle, node_pair, latent, monkeypatch):
+    announced = []
+    monkeypatch.setattr(comfy_services, "ensure_loaded", lambda patcher, net, device, required: announced.append(
+        required))
+    DSJanusFlowSampler().sample(handle, node_pair, 0, 1, 2.0, latent={"samples": latent}, denoise=0.5)
+    assert announced == [flow_bytes(handle.model, node_pair, 2.0, image_input=True)]
+    assert announced[0] > flow_bytes(handle.model, node_pair, 2.0)
+
+
+@pytest.mark.parametrize(("latent_input", "denoise", "message"), [
+    (None, 0.5, "denoise < 1 needs an input latent"),
+    ({"samples": torch.zeros(1, 4, 64, 64)}, 0.5, "encode a 384x384 image"),
+    ({"samples": torch.zeros(1, 16, 48, 48)}, 0.5, "16 channels"),
+    ({"samples": torch.zeros(3, 4, 48, 48)}, 0.5, "batch of 3"),
+    ({"samples": torch.zeros(1, 4, 48, 48), "noise_mask": torch.ones(1, 1, 384, 300)}, 0.5, "384x300 mask"),
+    ({"noise_mask": torch.ones(1, 1, 48, 48)}, 0.5, "LATENT with 'samples'"),
+    ({"samples": torch.zeros(1, 4, 48, 48)}, 0.0, r"denoise must be in \(0, 1\]"),
+])
+def test_node_bad_latent_inputs(handle, node_pair, latent_input, denoise, message):
+    with pytest.raises(JanusError, match=message):
+        DSJanusFlowSampler().sample(handle, node_pair, 0, 1, 2.0, latent=latent_input, denoise=denoise)
+
+
+def test_node_latent_with_an_autoregressive_model(handle, node_pair):
+    pro = node_model(PRO_TINY)
+    with pytest.raises(JanusError, match="init_latent .* needs a JanusFlow model"):
+        DSJanusFlowSampler().sample(pro, node_pair, 0, 1, 2.0, latent={"samples": torch.zeros(1, 4, 48, 48)},
+                                    denoise=0.5)
+    with pytest.raises(JanusError, match="needs a JanusFlow"):  # without a latent: the flow sampler's own message
+        DSJanusFlowSampler().sample(pro, node_pair, 0, 1, 2.0)
 
 
 # --- encoding images in plain Python ---------------------------------------------------------------------
