@@ -34,14 +34,19 @@ EXPECTED = {
     "janusflow_text_to_image.json": {"DSJanusModelLoader", "DSJanusPromptEncoder", "DSJanusCFGPair",
                                      "DSJanusFlowSampler", "VAELoader", "VAEDecode", "SaveImage"},
     "janus_caption_image.json": {"DSJanusModelLoader", "LoadImage", "DSJanusUnderstand", "PreviewAny"},
+    "janusflow_img2img.json": {"DSJanusModelLoader", "DSJanusPromptEncoder", "DSJanusCFGPair", "LoadImage",
+                               "ImageScale", "VAELoader", "VAEEncode", "DSJanusFlowSampler", "VAEDecode",
+                               "SaveImage"},
 }
 
 # Widget names of the core nodes we use, in widgets_values order.
 CORE_WIDGETS = {
     "SaveImage": ["filename_prefix"],
     "ImageScaleBy": ["upscale_method", "scale_by"],
+    "ImageScale": ["upscale_method", "width", "height", "crop"],
     "VAELoader": ["vae_name"],
     "VAEDecode": [],
+    "VAEEncode": [],
     "LoadImage": ["image"],  # + the upload button's value ("image")
     "PreviewAny": [],
 }
