@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from janus_core.generate_ar import IMAGE_TOKENS, CFGPair, build_cfg_pair, generate_image_tokens
+from janus_core.generate_ar import CFGPair, build_cfg_pair, generate_image_tokens
 from janus_core.model import JanusModel
+from janus_core.prompts import IMAGE_TOKENS
 
 from .measure import PeakRSS, StepClock, Timing, summarize, wait_quiet
 from .reference import reference_ar_tokens
