@@ -32,7 +32,7 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 TINY_MODELS = {"pro": "janus-pro-tiny", "flow": "janusflow-tiny"}
-KNOWN = ["Janus-1.3B", "Janus-Pro-1B", "Janus-Pro-7B", "JanusFlow-1.3B"]
+KNOWN = ["Janus-1.3B", "Janus-Pro-1B", "Janus-Pro-7B", "Janus-4o-7B", "JanusFlow-1.3B"]
 BATCH = 2
 IMAGE_TOKENS = 576
 

@@ -42,7 +42,7 @@ from nodes.text_to_image import (
 )
 from nodes.understand import DSJanusUnderstand
 
-KNOWN = ["Janus-1.3B", "Janus-Pro-1B", "Janus-Pro-7B", "JanusFlow-1.3B"]
+KNOWN = ["Janus-1.3B", "Janus-Pro-1B", "Janus-Pro-7B", "Janus-4o-7B", "JanusFlow-1.3B"]
 
 
 def model_folder(path: Path) -> Path:
