@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from janus_core.generate_ar import IMAGE_TOKENS, CFGPair, build_cfg_pair, generate_image_tokens
+from janus_core.generate_ar import CFGPair, build_cfg_pair, generate_image_tokens
 from janus_core.model import JanusModel
+from janus_core.prompts import IMAGE_TOKENS
 
 from .measure import PeakRSS, StepClock, Timing, summarize, wait_quiet
 from .reference import reference_ar_tokens
@@ -80,7 +81,8 @@ def _long_pair(model: JanusModel, pair: CFGPair, extra: int) -> CFGPair:
     return CFGPair(cond, uncond, pair.batch_size, pair.variant, pair.model_folder)
 
 
-def _ours(model: JanusModel, pair: CFGPair, steps: int) -> tuple[float, StepClock]:
+def time_sampler(model: JanusModel, pair: CFGPair, steps: int) -> tuple[float, StepClock]:
+    """Run our sampler for ``steps`` tokens: seconds to the first token (the prefill) and a clock of every token."""
     clock = StepClock()
     start = time.perf_counter()
     first: list[float] = []
@@ -134,14 +136,14 @@ def run_ar(model: JanusModel, parallel: int, steps: int, repeats: int) -> tuple[
     n = IMAGE_TOKENS - 1 if full else steps
     late_extra = IMAGE_TOKENS - 1 - n
     late_pair = _long_pair(model, pair, late_extra)
-    _ours(model, pair, 2)  # warm-up (allocator, rope tables, weight fusion)
+    time_sampler(model, pair, 2)  # warm-up (allocator, rope tables, weight fusion)
     _reference(model, pair, 2, None)
 
     def window(impl: str, late: bool) -> tuple[float, StepClock, int]:
         wait_quiet()
         with PeakRSS() as mem:
             if impl == "ours":
-                t0, clock = _ours(model, late_pair if late else pair, n + 1)
+                t0, clock = time_sampler(model, late_pair if late else pair, n + 1)
             else:
                 t0, clock = _reference(model, pair, n, prompt_len + late_extra if late else None)
         return t0, clock, mem.extra

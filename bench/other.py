@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from janus_core.generate_ar import IMAGE_TOKENS, decode_image_tokens
+from janus_core.generate_ar import decode_image_tokens
 from janus_core.model import JanusModel
+from janus_core.prompts import IMAGE_TOKENS
 from janus_core.understanding import understand
 
 from .measure import StepClock, Timing, summarize, time_repeated, wait_quiet

@@ -17,9 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from janus_core.generate_ar import IMAGE_TOKENS, CFGPair
+from janus_core.generate_ar import CFGPair
 from janus_core.generate_flow import FlowCFG
 from janus_core.model import JanusModel
+from janus_core.prompts import IMAGE_TOKENS
 
 StepHook = Callable[[int], None]
 

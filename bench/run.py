@@ -3,6 +3,7 @@
     python -m bench.run                          # Janus-Pro-1B shape, bf16 + fp32, parallel 1/4/16, all sections
     python -m bench.run --layers 4 --steps 8     # quick run (small models partly fit the CPU cache: optimistic)
     python -m bench.run --model pro-7b --dtypes bf16 --parallel 1 --sections ar,load
+    python -m bench.run --dtypes bf16 --parallel 1,4 --sections edit   # editing vs text-to-image per image
 
 Prints Markdown tables (this script's report) and logs progress to stderr. See docs/PERFORMANCE.md.
 """
@@ -18,6 +19,7 @@ import time
 import torch
 
 from .ar import floor_seconds, kv_bytes_per_position, run_ar, weight_bytes_per_step
+from .edit import run_edit
 from .flow import llm_flops_per_step, run_flow
 from .load import DTYPES, FORMATS, measure_load
 from .measure import memory_bandwidth, print_table, wait_quiet
@@ -26,7 +28,7 @@ from .other import understanding_speed, vq_decode_seconds
 
 logger = logging.getLogger("bench")
 
-SECTIONS = ("ar", "flow", "vq", "understand", "load")
+SECTIONS = ("ar", "edit", "flow", "vq", "understand", "load")
 GB = 1e9
 
 
@@ -77,6 +79,23 @@ def bench_ar(args: argparse.Namespace, bandwidth: float) -> None:
 
 def _layers(args: argparse.Namespace) -> str:
     return "" if args.layers is None else f" cut to {args.layers} layers"
+
+
+def bench_edit(args: argparse.Namespace) -> None:
+    rows = []
+    for dtype_name in args.dtypes:
+        model = random_model(args.model, DTYPES[dtype_name], args.layers)
+        for parallel in args.parallel:
+            plain, edit = run_edit(model, parallel, args.steps, args.repeats)
+            for run in (plain, edit):
+                rows.append([dtype_name, parallel, run.mode, run.prompt_len, run.prefill / parallel,
+                             run.step.median * 1e3 / parallel, run.image_seconds(),
+                             run.image_seconds() / plain.image_seconds(), run.peak_extra / GB,
+                             f"{run.step.clean}/{run.step.total}"])
+        del model
+    print_table(f"Instruction editing vs text-to-image, {args.model}{_layers(args)}, per image", [
+        "dtype", "parallel", "mode", "prompt positions", "prefill s/image", "ms/step/image", "s/image (576 steps)",
+        "x text-to-image", "peak extra GB", "clean steps"], rows)
 
 
 def bench_flow(args: argparse.Namespace) -> None:
@@ -151,6 +170,8 @@ def main() -> None:
     print_table("Memory bandwidth (2 GiB buffers, GB/s)", list(bw), [[round(v, 1) for v in bw.values()]])
     if "ar" in args.sections:
         bench_ar(args, bw["read"])
+    if "edit" in args.sections:
+        bench_edit(args)
     if "flow" in args.sections:
         bench_flow(args)
     if "vq" in args.sections or "understand" in args.sections:

@@ -1,7 +1,8 @@
 """janus_core: DeepSeek Janus, Janus-Pro and JanusFlow in plain PyTorch (no ComfyUI needed).
 
 Public API (imported lazily so ``import janus_core`` stays cheap): ``load_model``, ``JanusModel``,
-``generate_image_tokens``, ``decode_image_tokens``, ``generate_flow_latents``, ``understand``.
+``generate_image_tokens``, ``score_image_tokens``, ``encode_image_tokens``, ``decode_image_tokens``,
+``generate_flow_latents``, ``understand``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ _EXPORTS = {
     "JanusModel": "janus_core.model",
     "generate_image_tokens": "janus_core.generate_ar",
     "decode_image_tokens": "janus_core.generate_ar",
+    "score_image_tokens": "janus_core.generate_ar",
+    "encode_image_tokens": "janus_core.image_tokens",
     "generate_flow_latents": "janus_core.generate_flow",
     "understand": "janus_core.understanding",
     "JanusError": "janus_core.errors",

@@ -4,8 +4,8 @@
   flow        text-to-image with JanusFlow-1.3B (as the "JanusFlow ODE Sampler" node + SDXL VAE)
   understand  answer a question about one or more images (as the "Janus Image Understanding" node)
 
---model takes a checkpoint folder, a folder name under --models-dir, or a known DeepSeek release
-(deepseek-ai/Janus-Pro-1B, Janus-Pro-7B, Janus-1.3B, JanusFlow-1.3B), downloaded into --models-dir the first time.
+--model takes a checkpoint folder, a folder name under --models-dir, or a known release (deepseek-ai/Janus-Pro-1B,
+Janus-Pro-7B, Janus-1.3B, JanusFlow-1.3B, FreedomIntelligence/Janus-4o-7B), downloaded into --models-dir the first time.
 Every mistake in the arguments or the files ends with one ERROR line saying what to do, and exit code 2.
 """
 

@@ -180,7 +180,17 @@ class JanusConfig:
 
     @property
     def num_image_tokens(self) -> int:
+        """Understanding features per image (SigLIP patches: 576 for the releases)."""
         return self.siglip.num_patches
+
+    @property
+    def image_token_grid(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the VQ tokens of a generated or encoded image (AR variants): the image size
+        over the VQ downsampling factor, 384 / 16 = 24 x 24 for the releases."""
+        if self.vq is None:
+            raise JanusError("internal: JanusFlow has no VQ token grid")
+        side = self.siglip.image_size // 2 ** (len(self.vq.ch_mult) - 1)
+        return side, side
 
 
 def _params(cfg: JsonFields, key: str) -> JsonFields:

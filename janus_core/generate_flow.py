@@ -32,10 +32,11 @@ import torch.nn.functional as F
 
 from .arguments import finite_number, whole_number
 from .errors import JanusError
-from .llm import KVCache, forward_bytes, kv_cache_bytes, work_buffer_bytes
+from .llm import forward_bytes, kv_cache_bytes, work_buffer_bytes
 from .memory import check_fits
 from .model import JanusModel
 from .modules.uvit import convnext_activation_bytes
+from .prefill import left_pad, prefill_rows
 from .prompts import IMAGE_TOKENS, check_same_model, encode_prompt, model_key
 from .sampling import GENERATOR_BYTES, check_guidance_weight, check_seed, row_generators
 
@@ -160,12 +161,8 @@ def build_flow_cfg(model: JanusModel, prompt: str, batch_size: int = 1,
     else:
         uncond = encode_prompt(model, negative_prompt, "negative prompt").ids.tolist()
         uncond_valid = [True] * len(uncond)
-    length = max(len(cond), len(uncond))
-    rows = torch.full((2, length), pad, dtype=torch.long)
-    valid = torch.zeros(2, length, dtype=torch.bool)
-    for i, (ids, ok) in enumerate(((cond, [True] * len(cond)), (uncond, uncond_valid))):
-        rows[i, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        valid[i, length - len(ids):] = torch.tensor(ok)
+    rows, _ = left_pad([torch.tensor(cond, dtype=torch.long), torch.tensor(uncond, dtype=torch.long)], pad)
+    valid, _ = left_pad([torch.ones(len(cond), dtype=torch.bool), torch.tensor(uncond_valid)], False)
     return FlowCFG(
         input_ids=torch.tensor(cond, dtype=torch.long), group_rows=rows, group_valid=valid[:, :-1], batch_size=b,
         variant=model.variant, model_folder=model_key(model), prompt=prompt,
@@ -386,12 +383,8 @@ def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps
     groups = 2 if guided else 1
     _check_fits(model, pair, cfg_weight, init is not None)
     # Prefill each distinct prompt row once, then hand it to every image's row.
-    prefix = KVCache.allocate(runner, groups, prefix_len, with_mask=True)
-    runner.forward(runner.embed(pair.group_rows[:groups, :prefix_len].to(device)), prefix,
-                   new_valid=pair.group_valid[:groups].to(device))
-    cache = KVCache.allocate(runner, groups * b, prefix_len + 1 + IMAGE_TOKENS, with_mask=True)
-    prefix.copy_prefix_into(cache, slice(None), torch.arange(groups, device=device).repeat_interleave(b))
-    del prefix
+    cache, _ = prefill_rows(runner, runner.embed(pair.group_rows[:groups, :prefix_len].to(device)),
+                            prefix_len + 1 + IMAGE_TOKENS, b, valid=pair.group_valid[:groups].to(device))
 
     noise = noise.to(device=device, dtype=dtype)
     times = flow_times(steps, denoise)

@@ -1,4 +1,4 @@
-"""Resolve a model name or path to a checkpoint folder, downloading a known DeepSeek release on request.
+"""Resolve a model name or path to a checkpoint folder, downloading a known release on request.
 
 A download goes into ``<target>.partial`` and gets its final name only once every file the hub lists for
 :data:`DOWNLOAD_PATTERNS` is present at the listed size, and every shard named by a ``*.index.json`` is
@@ -33,7 +33,8 @@ class ModelKind(Enum):
 
 @dataclass(frozen=True)
 class Release:
-    """A DeepSeek release on the Hugging Face hub."""
+    """A known release on the Hugging Face hub: DeepSeek's, and Janus-4o-7B (FreedomIntelligence's fine-tune of
+    Janus-Pro-7B for instruction editing, Janus-Pro-7B's architecture and file format)."""
 
     repo_id: str
     kind: ModelKind
@@ -43,6 +44,7 @@ KNOWN_RELEASES: dict[str, Release] = {
     "Janus-1.3B": Release("deepseek-ai/Janus-1.3B", ModelKind.AR),
     "Janus-Pro-1B": Release("deepseek-ai/Janus-Pro-1B", ModelKind.AR),
     "Janus-Pro-7B": Release("deepseek-ai/Janus-Pro-7B", ModelKind.AR),
+    "Janus-4o-7B": Release("FreedomIntelligence/Janus-4o-7B", ModelKind.AR),
     "JanusFlow-1.3B": Release("deepseek-ai/JanusFlow-1.3B", ModelKind.FLOW),
 }
 
@@ -256,7 +258,7 @@ def _missing_path_message(path: Path) -> str:
 def resolve_model_path(name_or_path: str | Path, search_dirs: list[Path], download_dir: Path | None = None) -> Path:
     """A checkpoint folder for ``name_or_path`` (CLI and library; absolute folders allowed).
 
-    Order: an existing folder path; a relative name inside one of ``search_dirs``; a known DeepSeek release
+    Order: an existing folder path; a relative name inside one of ``search_dirs``; a known release
     (``Janus-Pro-1B`` or ``deepseek-ai/Janus-Pro-1B``) found as ``<dir>/<name>`` or downloaded into
     ``download_dir/<name>`` (only when ``download_dir`` is given). A value that :func:`looks_like_path` is never
     downloaded.

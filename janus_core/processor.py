@@ -26,7 +26,7 @@ from PIL import Image
 
 from .config import MAX_IMAGE_SIZE
 from .errors import CheckpointError, JanusError
-from .images import pil_to_rgb
+from .images import ImagesArg, pil_to_rgb, to_pil_images
 from .jsonfile import MAX_JSON_BYTES, JsonFields, read_json
 
 if TYPE_CHECKING:
@@ -200,6 +200,19 @@ def generation_prompt(variant: str, prompt: str) -> list[str]:
     return format_prompt(variant, prompt, system_prompt="") + [Markup(IMAGE_START)]
 
 
+def editing_prompt(variant: str, instruction: str, understanding_tokens: int, image_tokens: int) -> list[str]:
+    """Instruction-editing prompt pieces (Janus-4o): the input image twice, then the instruction, in the
+    text-to-image template.
+
+    The user turn is ``<begin_of_image>`` + ``understanding_tokens`` x ``<image_placeholder>`` (for the SigLIP
+    features) + ``<end_of_image>``, ``<begin_of_image>`` + ``image_tokens`` x pad (for the VQ tokens) +
+    ``<end_of_image>``, then the instruction (text); the prompt ends with ``<begin_of_image>``.
+    """
+    features = [Markup(IMAGE_START), *[Markup(IMAGE_TAG)] * understanding_tokens, Markup(IMAGE_END)]
+    tokens = [Markup(IMAGE_START), *[Markup(PAD)] * image_tokens, Markup(IMAGE_END)]
+    return format_prompt(variant, [*features, *tokens, instruction], system_prompt="") + [Markup(IMAGE_START)]
+
+
 @dataclass(frozen=True)
 class ImagePreprocessor:
     """``VLMImageProcessor``: long side to ``image_size`` (bicubic, antialiased), pad square, normalise."""
@@ -233,14 +246,18 @@ class ImagePreprocessor:
     def background(self) -> tuple[int, int, int]:
         return tuple(int(m * 255) for m in self.image_mean)
 
+    def fitted_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` an image of that size is resized to: the long side to ``image_size``, the short
+        side in proportion (truncated, at least ``min_size``)."""
+        longest = max(width, height)
+        return (max(int(width / longest * self.image_size), self.min_size),
+                max(int(height / longest * self.image_size), self.min_size))
+
     def resize_and_pad(self, image: Image.Image) -> Image.Image:
         """PIL image (any mode, see :func:`images.pil_to_rgb`) -> square ``image_size`` RGB PIL image (long
-        side fitted, short side padded grey)."""
+        side fitted, short side padded grey, the picture centred: ``((side - w) // 2, (side - h) // 2)``)."""
         image = pil_to_rgb(image, self.background)
-        width, height = image.size
-        longest = max(width, height)
-        new_h = max(int(height / longest * self.image_size), self.min_size)
-        new_w = max(int(width / longest * self.image_size), self.min_size)
+        new_w, new_h = self.fitted_size(*image.size)
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
         if new_w == new_h:
             return image
@@ -258,6 +275,11 @@ class ImagePreprocessor:
             std = np.asarray(self.image_std, dtype=np.float32)
             x = (x - mean) / std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+    def batch(self, images: ImagesArg) -> torch.Tensor:
+        """PIL images (any mode) or an IMAGE tensor ``[N, H, W, 3]`` (rules: :mod:`janus_core.images`) -> pixel
+        values ``[N, 3, image_size, image_size]`` float32 on the CPU."""
+        return torch.stack([self(image) for image in to_pil_images(images, self.background)])
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 
 from .errors import JanusError
 from .model import JanusModel
-from .processor import check_text, generation_prompt
+from .processor import check_text, editing_prompt, generation_prompt
 
 IMAGE_TOKENS = 576  # image positions after the prompt: 24 x 24 VQ tokens or latent patches
 
@@ -38,21 +38,43 @@ def check_same_model(model: JanusModel, variant: str, model_folder: str, what: s
         )
 
 
-def encode_prompt(model: JanusModel, text: str, what: str = "prompt") -> PromptTokens:
+def require_ar(model: JanusModel, task: str | None = None) -> None:
+    """Raise for a JanusFlow ``model`` where VQ tokens are needed (``task`` names the job in the message)."""
+    if not model.is_flow:
+        return
+    if task is None:
+        raise JanusError("JanusFlow generates images with the flow sampler, not with VQ tokens; use the "
+                         "'JanusFlow ODE Sampler' node (python -m janus_core flow; generate_flow_latents in Python) "
+                         "for this model.")
+    raise JanusError(f"{task} needs a Janus / Janus-Pro model (Janus-4o-7B for instruction edits): JanusFlow has no "
+                     "VQ image tokenizer. For JanusFlow img2img, VAE Encode the image and give the latent to the "
+                     "'JanusFlow ODE Sampler' node.")
+
+
+def encode_prompt(model: JanusModel, text: str, what: str = "prompt", *, edit: bool = False) -> PromptTokens:
     """Template ``text`` for text-to-image with the model's roles and tokenise it (``what`` names it in errors).
 
-    ``text`` stays text: special-token strings in it (``<|Assistant|>``, ``<begin_of_image>``, ...) are
-    tokenised as plain characters; only the template's roles and ``<begin_of_image>`` are special tokens.
+    ``edit``: the instruction-editing prompt instead (:func:`processor.editing_prompt`: the input image's feature
+    placeholders and VQ-token pads before the instruction; AR models only). ``text`` stays text: special-token
+    strings in it (``<|Assistant|>``, ``<begin_of_image>``, ...) are tokenised as plain characters; only the
+    template's roles and image tags are special tokens.
     """
     if not isinstance(text, str):
         raise JanusError(f"Expected the {what} as text, a PromptTokens or a CFGPair, got {type(text).__name__} "
                          "(a FlowCFG belongs to a JanusFlow model and its flow sampler).")
-    check_text(what, text, "describe the image you want")
-    pieces = generation_prompt(model.variant, text)
+    if edit:
+        check_text(what, text, "say how the image should change")
+        rows, cols = model.config.image_token_grid
+        pieces = editing_prompt(model.variant, text, model.config.num_image_tokens, rows * cols)
+        image_positions = rows * cols
+    else:
+        check_text(what, text, "describe the image you want")
+        pieces = generation_prompt(model.variant, text)
+        image_positions = IMAGE_TOKENS
     prompt_string = "".join(pieces)
     ids = torch.tensor(model.tokenizer.encode(pieces), dtype=torch.long)
-    limit = model.config.llm.max_position_embeddings - IMAGE_TOKENS
+    limit = model.config.llm.max_position_embeddings - image_positions
     if ids.numel() > limit:
         raise JanusError(f"The {what} is {ids.numel()} tokens long; at most {limit} fit before the "
-                         f"{IMAGE_TOKENS} image positions. Shorten it.")
+                         f"{image_positions} image positions. Shorten it.")
     return PromptTokens(text, prompt_string, ids, model.variant, model_key(model))

@@ -22,17 +22,16 @@ GENERATOR_BYTES = 4096
 SAMPLING_BYTES_PER_LOGIT = 40
 
 
-
 def check_seed(seed: object) -> int:
     """``seed`` as an ``int`` in ``0..SEED_MAX`` (whole numbers only, see :mod:`janus_core.arguments`)."""
     return whole_number("seed", seed, 0, SEED_MAX)
 
 
-def check_guidance_weight(value: object, name: str = "cfg_weight") -> float:
-    """A classifier-free guidance weight as a float: finite and >= 0 (1 = no guidance)."""
+def check_guidance_weight(value: object, name: str = "cfg_weight", meaning: str = "1 = no guidance") -> float:
+    """A guidance weight as a float: finite and >= 0 (``meaning`` explains the scale in the error message)."""
     weight = finite_number(name, value)
     if weight < 0:
-        raise JanusError(f"{name} must be >= 0 (1 = no guidance), got {weight}.")
+        raise JanusError(f"{name} must be >= 0 ({meaning}), got {weight}.")
     return weight
 
 

@@ -25,6 +25,7 @@ from .llm import KVCache, forward_bytes, kv_cache_bytes, work_buffer_bytes
 from .memory import check_fits
 from .model import JanusModel
 from .modules.siglip import vit_activation_bytes
+from .prefill import left_pad, positions_of, prefill_rows
 from .processor import UnderstandingInputs, check_question, understanding_inputs
 from .sampling import SAMPLING_BYTES_PER_LOGIT, check_sampling_args, check_seed, row_generators, sample_next
 
@@ -41,7 +42,7 @@ def _prompt_inputs(model: JanusModel, question: str, num_images: int, system_pro
 
 def _image_features(model: JanusModel, images: list[Image.Image]) -> torch.Tensor:
     """RGB PIL images -> LLM-space features ``[N, R, hidden]`` (R = 576, or 577 for JanusFlow)."""
-    pixels = torch.stack([model.image_processor(image) for image in images])
+    pixels = model.image_processor.batch(images)
     return model.net.image_features(pixels.to(device=model.device, dtype=model.dtype))
 
 
@@ -97,17 +98,10 @@ def generate_text_ids(model: JanusModel, prompts: Sequence[torch.Tensor], max_ne
     llm = model.llm
     device = model.device
     lengths = torch.tensor([p.shape[0] for p in prompts], device=device)
-    batch, width = len(prompts), int(lengths.max())
-    hidden_size = prompts[0].shape[-1]
-    embeds = torch.zeros(batch, width, hidden_size, dtype=prompts[0].dtype, device=device)
-    valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        embeds[i, width - p.shape[0]:] = p
-        valid[i, width - p.shape[0]:] = True
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-
-    cache = KVCache.allocate(llm, batch, width + max_new_tokens - 1, with_mask=True)
-    logits = llm.lm_logits(llm.forward(embeds, cache, positions=positions, new_valid=valid)[:, -1])
+    embeds, valid = left_pad([p.to(device) for p in prompts], 0.0)
+    batch, width = valid.shape
+    cache, hidden = prefill_rows(llm, embeds, width + max_new_tokens - 1, valid=valid, positions=positions_of(valid))
+    logits = llm.lm_logits(hidden[:, -1])
     generators = row_generators(seed, batch, device) if temperature > 0 else None
     answers: list[list[int]] = [[] for _ in range(batch)]
     active = list(range(batch))

@@ -3,7 +3,13 @@
 from . import comfy_services
 from .flow import DSJanusFlowSampler
 from .loader import DSJanusModelLoader
-from .text_to_image import DSJanusARSampler, DSJanusCFGPair, DSJanusPromptEncoder, DSJanusVQDecode
+from .text_to_image import (
+    DSJanusARSampler,
+    DSJanusCFGPair,
+    DSJanusPromptEncoder,
+    DSJanusVQDecode,
+    DSJanusVQEncode,
+)
 from .understand import DSJanusUnderstand
 
 comfy_services.register_model_folders()
@@ -14,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "DSJanusCFGPair": DSJanusCFGPair,
     "DSJanusARSampler": DSJanusARSampler,
     "DSJanusVQDecode": DSJanusVQDecode,
+    "DSJanusVQEncode": DSJanusVQEncode,
     "DSJanusFlowSampler": DSJanusFlowSampler,
     "DSJanusUnderstand": DSJanusUnderstand,
 }
@@ -24,6 +31,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DSJanusCFGPair": "Janus CFG Pair Builder",
     "DSJanusARSampler": "Janus AR Token Sampler",
     "DSJanusVQDecode": "Janus VQ-VAE Decoder",
+    "DSJanusVQEncode": "Janus VQ Encode",
     "DSJanusFlowSampler": "JanusFlow ODE Sampler",
     "DSJanusUnderstand": "Janus Image Understanding",
 }

@@ -48,7 +48,7 @@ class JanusModelHandle:
 
 
 def model_choices() -> list[str]:
-    """Every sub-folder holding a config.json, plus known DeepSeek releases not on disk (marked download)."""
+    """Every sub-folder holding a config.json, plus known releases not on disk (marked download)."""
     found: list[str] = []
     for base in comfy.model_dirs():
         for name in comfy.find_model_folders(base):

@@ -33,6 +33,11 @@ def flow():
     return load_model(FLOW_TINY, dtype=torch.float32)
 
 
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
+    """``actual`` equals ``expected`` within ``rtol``, absolute slack ``rtol`` x the largest expected value."""
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
 def golden(model_dir: Path, name: str) -> dict:
     """Load ``<model_dir>/golden/<name>.safetensors`` as a dict of tensors."""
     return load_file(str(model_dir / "golden" / f"{name}.safetensors"))

@@ -167,7 +167,8 @@ def test_understand_takes_either_kind(source, tmp_path, loads):
 def test_kinds_of_the_known_releases():
     kinds = {short: release.kind for short, release in hub.KNOWN_RELEASES.items()}
     assert kinds == {"Janus-1.3B": hub.ModelKind.AR, "Janus-Pro-1B": hub.ModelKind.AR,
-                     "Janus-Pro-7B": hub.ModelKind.AR, "JanusFlow-1.3B": hub.ModelKind.FLOW}
+                     "Janus-Pro-7B": hub.ModelKind.AR, "Janus-4o-7B": hub.ModelKind.AR,
+                     "JanusFlow-1.3B": hub.ModelKind.FLOW}
     assert hub.ModelKind.of(load_config(FLOW_TINY)) is hub.ModelKind.FLOW
     assert hub.ModelKind.of(load_config(PRO_TINY)) is hub.ModelKind.AR
 

@@ -32,7 +32,7 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 TINY_MODELS = {"pro": "janus-pro-tiny", "flow": "janusflow-tiny"}
-KNOWN = ["Janus-1.3B", "Janus-Pro-1B", "Janus-Pro-7B", "JanusFlow-1.3B"]
+KNOWN = ["Janus-1.3B", "Janus-Pro-1B", "Janus-Pro-7B", "Janus-4o-7B", "JanusFlow-1.3B"]
 BATCH = 2
 IMAGE_TOKENS = 576
 
@@ -56,6 +56,23 @@ def write_sdxl_vae(path: Path) -> None:
     save_file({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, str(path))
 
 
+# Input images the workflows' Load Image nodes name: the fixture image, and a copy whose transparent rectangle is
+# Load Image's MASK (1 = transparent = regenerate) for the inpainting workflow.
+INPUT_IMAGES = ("example.png", "example_masked.png")
+
+
+def write_masked_example(path: Path) -> None:
+    """The fixture image with a transparent rectangle in its lower middle (the part to regenerate)."""
+    from PIL import Image
+
+    with Image.open(IMAGE_PATH) as im:
+        rgba = im.convert("RGBA")
+    alpha = Image.new("L", rgba.size, 255)
+    alpha.paste(0, (60, 110, 240, 190))
+    rgba.putalpha(alpha)
+    rgba.save(path)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     comfy = Path(COMFYUI_PATH)
@@ -66,7 +83,8 @@ def server(tmp_path_factory):
     for sub in ("custom_nodes", "input", "output", "user", "models/Janus-Pro"):
         (base / sub).mkdir(parents=True)
     (base / "custom_nodes" / "ComfyUI-Janus").symlink_to(REPO, target_is_directory=True)
-    shutil.copy(IMAGE_PATH, base / "input" / "example.png")
+    shutil.copy(IMAGE_PATH, base / "input" / INPUT_IMAGES[0])
+    write_masked_example(base / "input" / INPUT_IMAGES[1])
     # models: Janus-Pro tiny through extra_model_paths (models/Janus is added beside it), JanusFlow tiny in the
     # legacy models/Janus-Pro folder other packs use.
     extra = root / "extra_models"
@@ -109,7 +127,7 @@ def api_prompt(server, path: Path, **overrides) -> dict:
             values[0] = overrides.get("batch_size", BATCH)
         if node["type"] in ("DSJanusARSampler", "DSJanusFlowSampler"):
             values[0] = zlib.crc32(path.name.encode())  # workflows sharing a chain must not share its cache
-    assert check_ui_workflow(wf, server.object_info, {("LoadImage", "image"): lambda v: v == "example.png"}) == []
+    assert check_ui_workflow(wf, server.object_info, {("LoadImage", "image"): lambda v: v in INPUT_IMAGES}) == []
     prompt = ui_to_api(wf, server.object_info)
     for entry in prompt.values():
         for key, value in overrides.get(entry["class_type"], {}).items():

@@ -78,6 +78,16 @@ def test_variant_detection():
         parse_config(real_config("janus-1.3b"))
 
 
+def test_janus_4o_7b_is_janus_pro_7b():
+    """Janus-4o-7B ships Janus-Pro-7B's config and the Pro tokenizer files: detected as Janus-Pro, same network."""
+    from janus_core.hub import KNOWN_RELEASES, ModelKind
+
+    cfg = load_config(CONFIGS / "janus-4o-7b")
+    assert cfg.variant == "janus-pro" and ModelKind.of(cfg) is KNOWN_RELEASES["Janus-4o-7B"].kind is ModelKind.AR
+    assert cfg == parse_config(real_config("janus-pro-7b"), variant="janus-pro")
+    assert cfg.image_token_grid == (24, 24) and cfg.num_image_tokens == 576
+
+
 def folder_copy(tmp_path, source=PRO_TINY):
     folder = tmp_path / "m"
     shutil.copytree(source, folder, ignore=shutil.ignore_patterns("golden", "vae", "*.safetensors"))

@@ -9,18 +9,14 @@ from janus_core.generate_ar import (
     build_cfg_pair,
     cfg_logit_steps,
     decode_image_tokens,
-    encode_prompt,
     generate_image_tokens,
 )
 from janus_core.images import to_uint8
+from janus_core.prompts import encode_prompt
 from janus_core.sampling import cfg_mix
-from tests.conftest import FLOW_TINY, PRO_TINY, golden
+from tests.conftest import FLOW_TINY, PRO_TINY, close, golden
 
 INTERLEAVED_TO_BLOCK = [0, 2, 1, 3]  # reference rows c0,u0,c1,u1 -> ours c0,c1,u0,u1
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * expected.abs().max().item())
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,13 @@ from torch.profiler import ProfilerActivity, profile
 from janus_core import load_model, memory
 from janus_core.errors import JanusError
 from janus_core.generate_ar import (
-    TOKEN_GRID,
     build_cfg_pair,
     decode_bytes,
     decode_image_tokens,
     generate_image_tokens,
     generation_bytes,
+    score_image_tokens,
+    scoring_bytes,
 )
 from janus_core.generate_flow import (
     build_flow_cfg,
@@ -29,14 +30,16 @@ from janus_core.generate_flow import (
     iter_flow_steps,
     noise_bytes,
 )
+from janus_core.image_tokens import encode_bytes, encode_image_tokens
 from janus_core.llm import KVCache, kv_cache_bytes
 from janus_core.modules.siglip import SigLIPViT, vit_activation_bytes
 from janus_core.modules.uvit import ShallowUViTDecoder, ShallowUViTEncoder, convnext_activation_bytes
-from janus_core.modules.vq import Decoder, decoder_activation_bytes
+from janus_core.modules.vq import Decoder, VQModel, decoder_activation_bytes, encoder_activation_bytes
 from janus_core.understanding import understand, understanding_bytes
 from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY
 
 GIB = 2**30
+RELEASE_GRID = (24, 24)  # VQ tokens of a released model's image
 REFUSAL = r"batch {n} needs \d+\.\d\d GB, \d+\.\d\d GB free on cpu; lower batch_size\."
 
 
@@ -225,11 +228,12 @@ def test_initial_noise_is_checked(flow, free):
         initial_noise(flow, 3, 0)
 
 
-def test_generation_threshold(pro, free):
-    pair = build_cfg_pair(pro, "a red cube", 3)
+@pytest.mark.parametrize(("edit", "what"), [(False, "Image generation"), (True, "Image editing")])
+def test_generation_threshold(pro, image, free, edit, what):
+    pair = build_cfg_pair(pro, "a red cube", 3, image=image if edit else None)
     required = memory.required_bytes(generation_bytes(pro, pair))
     free(required - 1)
-    with pytest.raises(JanusError, match="Image generation: batch 3 needs"):
+    with pytest.raises(JanusError, match=f"{what}: batch 3 needs"):
         generate_image_tokens(pro, pair, callback=stop)
     free(required)
     with pytest.raises(Stop):
@@ -260,7 +264,7 @@ def test_understanding_threshold(pro, image, free):
 
 
 def test_decode_in_chunks_that_fit(pro, free, monkeypatch):
-    tokens = torch.randint(0, pro.config.vq.codebook_size, (3, TOKEN_GRID[0] * TOKEN_GRID[1]),
+    tokens = torch.randint(0, pro.config.vq.codebook_size, (3, 576),
                            generator=torch.Generator().manual_seed(0))
     whole = decode_image_tokens(pro, tokens)  # free memory of this machine: all at once
     vq = pro.net.gen_vision_model
@@ -293,6 +297,34 @@ def test_generation_estimate(pro):
     assert_covers(generation_bytes(pro, pair), measured)
 
 
+def test_editing_estimate(pro, image):
+    pair = build_cfg_pair(pro, "make the sky purple", 2, image=image)  # a prompt of ~1.2k positions, 3 rows
+    _, measured = peak_allocated(generate_image_tokens, pro, pair, seed=1)
+    assert_covers(generation_bytes(pro, pair), measured)
+
+
+def test_inpainting_estimate_with_kept_rows_fed_at_once(pro):
+    pair = build_cfg_pair(pro, "a red cube", 2)
+    mask = torch.zeros(24, 24, dtype=torch.bool)
+    mask[12:] = True  # the first 288 tokens are fed as one block
+    init = torch.randint(0, 4096, (2, 576), generator=torch.Generator().manual_seed(0))
+    _, measured = peak_allocated(generate_image_tokens, pro, pair, seed=1, init_tokens=init, mask=mask)
+    assert_covers(generation_bytes(pro, pair, 288), measured)
+
+
+@pytest.mark.parametrize("edit", [False, True])
+def test_scoring_estimate(pro, image, edit):
+    pair = build_cfg_pair(pro, "a red cube", 2, image=image if edit else None)
+    tokens = torch.randint(0, 4096, (2, 576), generator=torch.Generator().manual_seed(0))
+    _, measured = peak_allocated(score_image_tokens, pro, pair, tokens)
+    assert_covers(scoring_bytes(pro, pair, 2, 576), measured)
+
+
+def test_encode_estimate(pro, image):
+    _, measured = peak_allocated(encode_image_tokens, pro, [image, image])
+    assert_covers(encode_bytes(pro, 2), measured)
+
+
 @pytest.mark.parametrize(("dtype", "batch", "negative", "cfg_weight", "image_input"), [
     (torch.float32, 2, "fog", 2.0, False), (torch.float32, 2, None, 1.0, False), (torch.bfloat16, 1, None, 2.0, False),
     (torch.float32, 2, None, 1.0, True), (torch.bfloat16, 2, "fog", 2.0, True)])
@@ -316,7 +348,7 @@ def test_understanding_estimate(which, per_image, pro, flow, image):
 
 
 def test_decode_estimate(pro):
-    tokens = torch.randint(0, pro.config.vq.codebook_size, (2, TOKEN_GRID[0] * TOKEN_GRID[1]))
+    tokens = torch.randint(0, pro.config.vq.codebook_size, (2, 576))
     _, measured = peak_allocated(decode_image_tokens, pro, tokens)
     assert_covers(decode_bytes(pro, 2), measured)
 
@@ -326,8 +358,8 @@ def test_module_estimates_at_release_widths():
     """The activation formulas at the released models' widths (random weights, bfloat16, one image)."""
     dtype = torch.bfloat16
     decoder = Decoder(128, (1, 1, 2, 2, 4), 2, 256).to(dtype)  # VQ-16
-    _, measured = peak_allocated(decoder, torch.randn(1, 256, *TOKEN_GRID, dtype=dtype))
-    assert_covers(decoder_activation_bytes(128, (1, 1, 2, 2, 4), TOKEN_GRID, 1, dtype), measured)
+    _, measured = peak_allocated(decoder, torch.randn(1, 256, *RELEASE_GRID, dtype=dtype))
+    assert_covers(decoder_activation_bytes(128, (1, 1, 2, 2, 4), RELEASE_GRID, 1, dtype), measured)
 
     encoder = ShallowUViTEncoder(4, 768, 2048).to(dtype)  # JanusFlow-1.3B
     z = torch.randn(1, 4, 48, 48, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -337,6 +369,10 @@ def test_module_estimates_at_release_widths():
     h = torch.randn(1, 24, 24, 768, dtype=dtype).permute(0, 3, 1, 2)  # the LLM output's layout in the sampler
     _, measured = peak_allocated(decoder, h, [z_emb], t_emb)
     assert_covers(convnext_activation_bytes(2 * 768, 576, 1, dtype), measured)
+
+    vq = VQModel(128, (1, 1, 2, 2, 4), 256, 16384, 8).to(dtype)  # VQ-16's encoder and codebook search
+    _, measured = peak_allocated(vq.encode_to_codes, torch.randn(1, 3, 384, 384, dtype=dtype))
+    assert_covers(encoder_activation_bytes(128, (1, 1, 2, 2, 4), 16384, 384, 1, dtype), measured)
 
     vit = SigLIPViT(384, 16, 1024, 2, 16, 4.0).to(dtype)  # siglip_large_patch16_384, two of its 24 blocks
     _, measured = peak_allocated(vit, torch.randn(1, 3, 384, 384, dtype=dtype))

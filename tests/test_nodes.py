@@ -48,6 +48,70 @@ def test_text_to_image_chain(pro):
     assert torch.equal(images, decode_image_tokens(pro.model, expected))
 
 
+def load_image_like_comfyui() -> torch.Tensor:
+    """IMAGE [1, 200, 300, 3] as ComfyUI's Load Image gives it."""
+    import numpy as np
+    from PIL import Image
+
+    return torch.from_numpy(np.array(Image.open(IMAGE_PATH).convert("RGB"))).float().div(255)[None]
+
+
+def test_instruction_editing_chain(pro):
+    image = load_image_like_comfyui()
+    prompt = N["DSJanusPromptEncoder"]().encode(pro, "Make the sky purple.")[0]
+    pair = N["DSJanusCFGPair"]().build(pro, prompt, 2, None, image)[0]
+    assert pair.is_edit and pair.num_rows == 3
+    tokens = N["DSJanusARSampler"]().sample(pro, pair, 5, 5.0, 1.0, 0, 1.0, 3.0)[0]
+    expected = generate_image_tokens(pro.model, "Make the sky purple.", 2, seed=5, image=image, image_cfg_weight=3.0)
+    assert torch.equal(tokens.tokens, expected.cpu()) and tokens.image_size == (384, 384)
+
+
+def test_vq_encode_and_inpaint_chain(pro):
+    from janus_core.image_tokens import encode_image_tokens, pixel_mask_to_tokens
+
+    image = load_image_like_comfyui()
+    encoded = N["DSJanusVQEncode"]().encode(pro, image)[0]
+    assert torch.equal(encoded.tokens, encode_image_tokens(pro.model, image))
+    assert encoded.image_size == (200, 300) and encoded.model_folder == str(pro.model.folder)
+    mask = torch.zeros(1, 200, 300)
+    mask[:, 50:120, 100:220] = 1.0  # Load Image's MASK: 1 where the picture is transparent = regenerate
+    prompt = N["DSJanusPromptEncoder"]().encode(pro, "A moon.")[0]
+    pair = N["DSJanusCFGPair"]().build(pro, prompt, 2)[0]
+    tokens = N["DSJanusARSampler"]().sample(pro, pair, 8, 5.0, 1.0, 0, 1.0, 5.0, encoded, mask)[0].tokens
+    resample = pixel_mask_to_tokens(pro.model, mask).reshape(1, 576)
+    expected = generate_image_tokens(pro.model, pair, seed=8, init_tokens=encoded.tokens, mask=resample)
+    assert torch.equal(tokens, expected.cpu())
+    keep = ~resample.expand(2, -1)
+    assert torch.equal(tokens[keep], encoded.tokens.expand(2, -1)[keep]) and not torch.equal(tokens[0], tokens[1])
+
+
+def test_image_input_errors(pro, flow):
+    from nodes.text_to_image import ImageTokens
+
+    image = load_image_like_comfyui()
+    sampler, pair = N["DSJanusARSampler"](), build_cfg_pair(pro.model, "a cat", 1)
+    encoded = N["DSJanusVQEncode"]().encode(pro, image)[0]
+    with pytest.raises(JanusError, match="VQ encoding needs a Janus / Janus-Pro model"):
+        N["DSJanusVQEncode"]().encode(flow, image)
+    with pytest.raises(JanusError, match=r"expected \[B, H, W, 3\]"):
+        N["DSJanusVQEncode"]().encode(pro, image[0])
+    flow_prompt = N["DSJanusPromptEncoder"]().encode(flow, "Make it red.")[0]
+    with pytest.raises(JanusError, match="Instruction editing .* needs a Janus / Janus-Pro model"):
+        N["DSJanusCFGPair"]().build(flow, flow_prompt, 1, None, image)
+    with pytest.raises(JanusError, match="The mask needs init_tokens"):
+        sampler.sample(pro, pair, 0, 5.0, 1.0, 0, 1.0, 5.0, None, torch.ones(1, 200, 300))
+    with pytest.raises(JanusError, match="init_tokens need a MASK"):
+        sampler.sample(pro, pair, 0, 5.0, 1.0, 0, 1.0, 5.0, encoded)
+    with pytest.raises(JanusError, match="mask is 64x64 pixels but the init tokens stand for a 300x200 image"):
+        sampler.sample(pro, pair, 0, 5.0, 1.0, 0, 1.0, 5.0, encoded, torch.zeros(1, 64, 64))
+    foreign = ImageTokens(encoded.tokens, encoded.grid, "/somewhere/Janus-Pro-7B", encoded.image_size)
+    with pytest.raises(JanusError, match="init tokens come from /somewhere/Janus-Pro-7B"):
+        sampler.sample(pro, pair, 0, 5.0, 1.0, 0, 1.0, 5.0, foreign, torch.ones(1, 200, 300))
+    two = N["DSJanusVQEncode"]().encode(pro, torch.cat([image, image, image]))[0]
+    with pytest.raises(JanusError, match="init_tokens holds 3 rows for a batch of 1"):
+        sampler.sample(pro, pair, 0, 5.0, 1.0, 0, 1.0, 5.0, two, torch.ones(1, 200, 300))
+
+
 def test_flow_sampler_outputs_unscaled_sdxl_latent(flow):
     prompt = N["DSJanusPromptEncoder"]().encode(flow, "Sunset over the sea.")[0]
     pair = N["DSJanusCFGPair"]().build(flow, prompt, 2)[0]
@@ -95,7 +159,7 @@ def test_pack_root_imports_as_a_package_without_comfyui():
         f"submodule_search_locations=[r'{root}'])\n"
         "mod = importlib.util.module_from_spec(spec); sys.modules['ComfyUI_Janus'] = mod\n"
         "spec.loader.exec_module(mod)\n"
-        "assert len(mod.NODE_CLASS_MAPPINGS) == 7 and 'comfy' not in sys.modules\n"
+        "assert len(mod.NODE_CLASS_MAPPINGS) == 8 and 'comfy' not in sys.modules\n"
         "import os; web = os.path.join(os.path.dirname(mod.__file__), mod.WEB_DIRECTORY)\n"
         "assert os.path.isfile(os.path.join(web, 'janus_show_text.js')), web\n"
         "assert 'transformers' not in sys.modules, 'import must stay light'\n"

@@ -15,8 +15,10 @@ from PIL import Image
 
 from janus_core import memory
 from janus_core.errors import CheckpointError
-from janus_core.generate_ar import IMAGE_TOKENS, TOKEN_GRID, decode_bytes, generation_bytes
+from janus_core.generate_ar import decode_bytes, generation_bytes
 from janus_core.generate_flow import flow_bytes, initial_noise, iter_flow_steps
+from janus_core.image_tokens import encode_bytes
+from janus_core.prompts import IMAGE_TOKENS
 from janus_core.understanding import understanding_bytes
 from nodes import comfy_services as cs
 from nodes import text_to_image
@@ -34,12 +36,13 @@ from nodes.text_to_image import (
     DSJanusCFGPair,
     DSJanusPromptEncoder,
     DSJanusVQDecode,
+    DSJanusVQEncode,
     ImageTokens,
     partial_grid_preview,
 )
 from nodes.understand import DSJanusUnderstand
 
-KNOWN = ["Janus-1.3B", "Janus-Pro-1B", "Janus-Pro-7B", "JanusFlow-1.3B"]
+KNOWN = ["Janus-1.3B", "Janus-Pro-1B", "Janus-Pro-7B", "Janus-4o-7B", "JanusFlow-1.3B"]
 
 
 def model_folder(path: Path) -> Path:
@@ -376,7 +379,7 @@ class MemoryChecked(Exception):
     pass
 
 
-@pytest.mark.parametrize("node", ["ar", "decode", "flow", "understand"])
+@pytest.mark.parametrize("node", ["ar", "inpaint", "decode", "encode", "flow", "understand"])
 def test_nodes_make_room_for_the_estimate_before_the_library_checks(node, pro_handle, flow_handle, tmp_path,
                                                                     monkeypatch):
     """Each node announces janus_core's estimate to ComfyUI's memory manager, which makes room; only then does the
@@ -399,10 +402,20 @@ def test_nodes_make_room_for_the_estimate_before_the_library_checks(node, pro_ha
             pair = _ar_pair(handle, batch_size=2)
             expected = generation_bytes(model, pair)
             DSJanusARSampler().sample(handle, pair, seed=0, cfg_weight=5.0, temperature=1.0, top_k=0, top_p=1.0)
+        elif node == "inpaint":  # the first 12 token rows are kept: fed at once, the estimate says so
+            pair = _ar_pair(handle, batch_size=2)
+            expected = generation_bytes(model, pair, 12 * 24)
+            mask = torch.zeros(1, 384, 384)
+            mask[:, 192:] = 1.0
+            init = ImageTokens(torch.zeros(1, IMAGE_TOKENS, dtype=torch.long), (24, 24), str(model.folder), (384, 384))
+            DSJanusARSampler().sample(handle, pair, 0, 5.0, 1.0, 0, 1.0, 5.0, init, mask)
+        elif node == "encode":
+            expected = encode_bytes(model, 2)
+            DSJanusVQEncode().encode(handle, torch.rand(2, 32, 48, 3))
         elif node == "decode":
             codes = torch.zeros(3, IMAGE_TOKENS, dtype=torch.long)
             expected = decode_bytes(model, 3)
-            DSJanusVQDecode().decode(handle, ImageTokens(codes, TOKEN_GRID, str(model.folder)))
+            DSJanusVQDecode().decode(handle, ImageTokens(codes, (24, 24), str(model.folder), (384, 384)))
         elif node == "flow":
             prompt = DSJanusPromptEncoder().encode(handle, "a lighthouse")[0]
             pair = DSJanusCFGPair().build(handle, prompt, 2)[0]

@@ -37,7 +37,15 @@ EXPECTED = {
     "janusflow_img2img.json": {"DSJanusModelLoader", "DSJanusPromptEncoder", "DSJanusCFGPair", "LoadImage",
                                "ImageScale", "VAELoader", "VAEEncode", "DSJanusFlowSampler", "VAEDecode",
                                "SaveImage"},
+    "janus4o_edit_image.json": {"DSJanusModelLoader", "DSJanusPromptEncoder", "LoadImage", "DSJanusCFGPair",
+                                "DSJanusARSampler", "DSJanusVQDecode", "SaveImage"},
+    "janus_pro_inpaint.json": {"DSJanusModelLoader", "DSJanusPromptEncoder", "LoadImage", "DSJanusCFGPair",
+                               "DSJanusVQEncode", "DSJanusARSampler", "DSJanusVQDecode", "SaveImage"},
 }
+# Workflows laid out so the AR sampler's live preview (drawn under the node) covers no other node.
+PREVIEW_CLEAR = ("janus4o_edit_image.json", "janus_pro_inpaint.json")
+PREVIEW_HEIGHT = 512  # px the frontend's preview takes below a sampler
+TITLE_HEIGHT = 30  # a node's title bar sits above its pos
 
 # Widget names of the core nodes we use, in widgets_values order.
 CORE_WIDGETS = {
@@ -169,6 +177,43 @@ def test_converts_to_api_prompt(path: Path, object_info):
             if isinstance(value, list):  # a link: [source node id, output slot]
                 assert value[0] in prompt and value[1] < len(object_info[prompt[value[0]]["class_type"]]["output"])
     assert any(object_info[e["class_type"]]["output_node"] for e in prompt.values())
+
+
+def _links_to(wf: dict, node_id: int) -> dict[str, tuple[str, int]]:
+    """``{input name: (source node type, source slot)}`` of the linked inputs of node ``node_id``."""
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    target = nodes[node_id]
+    return {inp["name"]: (nodes[link[1]]["type"], link[2]) for inp in target.get("inputs") or []
+            for link in wf["links"] if link[0] == inp.get("link")}
+
+
+def test_editing_workflows_wire_the_image_inputs():
+    edit = load(WORKFLOWS / "janus4o_edit_image.json")
+    pair = _links_to(edit, _node(edit, "DSJanusCFGPair")["id"])
+    assert pair["image"] == ("LoadImage", 0)
+    assert named_widgets(_node(edit, "DSJanusModelLoader"), offline_object_info(NODE_CLASS_MAPPINGS)[
+        "DSJanusModelLoader"])["model"][0] == "Janus-4o-7B"
+    inpaint = load(WORKFLOWS / "janus_pro_inpaint.json")
+    sampler = _links_to(inpaint, _node(inpaint, "DSJanusARSampler")["id"])
+    assert sampler["init_tokens"] == ("DSJanusVQEncode", 0) and sampler["mask"] == ("LoadImage", 1)
+    assert _links_to(inpaint, _node(inpaint, "DSJanusVQEncode")["id"])["image"] == ("LoadImage", 0)
+
+
+@pytest.mark.parametrize("name", PREVIEW_CLEAR)
+def test_sampler_preview_covers_no_node(name):
+    wf = load(WORKFLOWS / name)
+    for sampler in (n for n in wf["nodes"] if n["type"] in ("DSJanusARSampler", "DSJanusFlowSampler")):
+        x, y = sampler["pos"]
+        w, h = sampler["size"]
+        preview = (x, y + h, x + w, y + h + PREVIEW_HEIGHT)
+        for node in wf["nodes"]:
+            if node is sampler:
+                continue
+            nx, ny = node["pos"]
+            nw, nh = node["size"]
+            box = (nx, ny - TITLE_HEIGHT, nx + nw, ny + nh)
+            overlap = box[0] < preview[2] and preview[0] < box[2] and box[1] < preview[3] and preview[1] < box[3]
+            assert not overlap, f"{node['type']} {box} lies under the preview {preview} of {sampler['type']}"
 
 
 # The checker itself catches what it should.

@@ -199,9 +199,10 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# Peak activations of the decoder in tensors of its widest level (a ResNet block at full resolution holds its
-# input, the level input, GroupNorm / swish / conv results): 6.01 measured on the CPU in float32 and bfloat16.
-DECODER_PEAK_TENSORS = 7
+# Peak activations of the decoder and of the encoder in tensors of their widest level (a ResNet block at full
+# resolution holds its input, the level input, GroupNorm / swish / conv results): 6.01 measured on the CPU in
+# float32 and bfloat16 for both.
+PEAK_TENSORS = 7
 
 
 def decoder_activation_bytes(ch: int, ch_mult: Sequence[int], grid: tuple[int, int], batch: int,
@@ -215,7 +216,21 @@ def decoder_activation_bytes(ch: int, ch_mult: Sequence[int], grid: tuple[int, i
     pixels = grid[0] * grid[1]
     n = len(ch_mult)
     widest = max(ch * mult * pixels * 4 ** min(i + 1, n - 1) for i, mult in enumerate(reversed(ch_mult)))
-    return DECODER_PEAK_TENSORS * batch * widest * dtype.itemsize
+    return PEAK_TENSORS * batch * widest * dtype.itemsize
+
+
+def encoder_activation_bytes(ch: int, ch_mult: Sequence[int], codebook_size: int, image_size: int, batch: int,
+                             dtype: torch.dtype) -> int:
+    """Peak bytes of :meth:`VQModel.encode_to_codes` for ``batch`` square images of ``image_size`` pixels in ``dtype``.
+
+    The larger of the encoder and the codebook search. Encoder level ``i`` works with ``ch * ch_mult[i]`` channels
+    at ``image_size / 2 ** i``; the widest ``channels x pixels`` sets the peak (the full-resolution level:
+    128 x 384 x 384 per image, 0.23 GB in bfloat16, for the released VQ-16). The search holds the float32
+    similarities of every latent to every codebook entry (38 MB per image for the releases).
+    """
+    widest = max(ch * mult * (image_size // 2 ** i) ** 2 for i, mult in enumerate(ch_mult))
+    latents = (image_size // 2 ** (len(ch_mult) - 1)) ** 2
+    return batch * max(PEAK_TENSORS * widest * dtype.itemsize, 2 * latents * codebook_size * 4)
 
 
 class VectorQuantizer(nn.Module):
