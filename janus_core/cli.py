@@ -126,8 +126,7 @@ def _run_flow(args: argparse.Namespace) -> list[Path]:
     from .sdxl_vae import decode_latents, load_sdxl_vae
 
     model = _load(args)
-    vae_dtype = torch.float32 if model.device.type == "cpu" else torch.bfloat16
-    vae = load_sdxl_vae(args.vae, device=model.device, dtype=vae_dtype)
+    vae = load_sdxl_vae(args.vae, device=model.device, dtype=model.precision.vae)
     latents = generate_flow_latents(model, args.prompt, batch_size=args.batch_size, seed=args.seed,
                                     steps=args.steps, cfg_weight=args.cfg_weight, negative_prompt=args.negative,
                                     callback=_LogProgress("flow steps"))

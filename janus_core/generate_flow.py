@@ -157,7 +157,7 @@ def _latent_shape(model: JanusModel, batch: int) -> tuple[int, int, int, int]:
 
 
 def initial_noise(model: JanusModel, batch_size: int, seed: int) -> torch.Tensor:
-    """Starting latent ``[B, 4, 48, 48]`` in the model's dtype and device.
+    """Starting latent ``[B, 4, 48, 48]`` in the U-ViT's dtype (``model.precision.flow``) on the model's device.
 
     Row ``i`` is drawn with its own CPU generator seeded ``seed + i`` (:func:`sampling.row_generators`), in
     float32, then cast; so results do not depend on the device, and image ``i`` can be regenerated alone.
@@ -166,7 +166,7 @@ def initial_noise(model: JanusModel, batch_size: int, seed: int) -> torch.Tensor
     shape = _latent_shape(model, 1)
     gens = row_generators(seed, batch_size, torch.device("cpu"))
     z = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
-    return z.to(device=model.device, dtype=model.dtype)
+    return z.to(device=model.device, dtype=model.precision.flow)
 
 
 def _check_run_args(model: JanusModel, pair: FlowCFG, z: torch.Tensor, steps: int, cfg_weight: float) -> None:
@@ -191,7 +191,8 @@ def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps
     The last yielded ``z`` is the final latent (model space). Arguments as :func:`generate_flow_latents`.
     """
     _check_run_args(model, pair, noise, steps, cfg_weight)
-    net, runner, device, dtype = model.net, model.llm, model.device, model.dtype
+    net, runner, device = model.net, model.llm, model.device
+    dtype, llm_dtype = model.precision.flow, model.precision.llm  # U-ViT side, LLM side
     b, prefix_len = pair.batch_size, pair.prompt_len
     guided = cfg_weight != 1.0
     groups = 2 if guided else 1
@@ -213,14 +214,14 @@ def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps
         z_emb, t_emb, _ = net.vision_gen_enc_model(z.contiguous(memory_format=torch.channels_last), t)
         grid = z_emb.shape[-2:]
         tokens = net.vision_gen_enc_aligner(z_emb.flatten(2).transpose(1, 2))  # [B, 576, hidden]
-        x = torch.cat([t_emb[:, None], tokens], dim=1)  # [B, 577, hidden]
+        x = torch.cat([t_emb[:, None], tokens], dim=1).to(llm_dtype)  # [B, 577, hidden]
         skip, cond_t = z_emb, t_emb
         if guided:
             # cat, not repeat: it keeps z_emb's channels-last layout, which the decoder's channel-wise
             # linears need to stay plain matmuls (a repeat makes it NCHW and 4x slower in bf16 on CPU)
             x, skip, cond_t = torch.cat([x, x]), torch.cat([z_emb, z_emb]), torch.cat([t_emb, t_emb])
         cache.length = prefix_len  # drop the previous step's 577 positions, keep the prompt
-        h = runner.forward(x, cache)[:, 1:]
+        h = runner.forward(x, cache)[:, 1:].to(dtype)
         h = net.vision_gen_dec_aligner(net.vision_gen_dec_aligner_norm(h))  # [rows, 576, C]
         h = h.reshape(h.shape[0], *grid, h.shape[-1]).permute(0, 3, 1, 2)
         v = net.vision_gen_dec_model(h, [skip], cond_t)  # [rows, 4, 48, 48]
@@ -237,7 +238,7 @@ def generate_flow_latents(model: JanusModel, prompt: str | FlowCFG, batch_size: 
                           seed: int = 0, steps: int = 30, cfg_weight: float = 2.0,
                           negative_prompt: str | None = None, noise: torch.Tensor | None = None,
                           callback: StepCallback | None = None) -> torch.Tensor:
-    """Generate final latents ``[B, 4, 48, 48]`` (model space, model dtype/device) for ``prompt``.
+    """Generate final latents ``[B, 4, 48, 48]`` (model space; the U-ViT's dtype, model device) for ``prompt``.
 
     ``prompt`` is text or a :class:`FlowCFG` (which then fixes the batch size and the negative prompt;
     ``batch_size`` defaults to 1 for text). ``noise`` replaces the seeded starting latent (see

@@ -9,7 +9,7 @@ import torch
 
 from janus_core.hub import KNOWN_REPOS, is_model_folder, known_name, resolve_model_path
 from janus_core.llm import work_buffer_bytes
-from janus_core.model import JanusModel, default_dtype, load_model
+from janus_core.model import JanusModel, load_model
 
 from . import comfy_services as comfy
 
@@ -141,8 +141,9 @@ class DSJanusModelLoader:
             path = resolve_model_path(model.removesuffix(DOWNLOAD_SUFFIX).strip(), comfy.model_dirs(),
                                       download_dir=comfy.download_dir())
         device = comfy.torch_device()
-        torch_dtype = DTYPES[dtype] or default_dtype(device)
-        # In ComfyUI the weights are read into the offload device; ready() moves them before each use.
+        # In ComfyUI the weights are read into the offload device; ready() moves them before each use. The
+        # automatic precision is chosen for the device they run on.
         loaded = load_model(path, device=comfy.offload_device() if comfy.IN_COMFYUI else device,
-                            dtype=torch_dtype, variant=None if variant == "auto" else variant)
+                            dtype=DTYPES[dtype], variant=None if variant == "auto" else variant,
+                            compute_device=device)
         return (JanusModelHandle(loaded, device),)

@@ -272,7 +272,7 @@ class VQModel(nn.Module):
             raise JanusError(
                 f"VQ encoder expects pixels [B, 3, H, W] with H and W multiples of {f}, got {list(pixels.shape)}."
             )
-        z = self.quant_conv(self.encoder(pixels))  # [B, D, h, w]
+        z = self.quant_conv(self.encoder(pixels.to(self.quant_conv.weight.dtype)))  # [B, D, h, w]
         b, d, h, w = z.shape
         z = F.normalize(z.permute(0, 2, 3, 1).reshape(b, h * w, d).float(), p=2, dim=-1)
         codebook = self.quantize.normalized_codebook().float()  # [K, D]
