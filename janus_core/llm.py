@@ -68,18 +68,29 @@ def _empty(scratch: Scratch | None, name: str, shape: tuple[int, ...], like: tor
     return scratch.get(name, shape, like, dtype)
 
 
-def work_buffer_bytes(spec: LlamaSpec, rows: int, tokens: int, dtype: torch.dtype) -> int:
+def work_buffer_bytes(spec: LlamaSpec, rows: int, tokens: int, dtype: torch.dtype, device_type: str = "cpu",
+                      cpu_class: str | None = None) -> int:
     """Bytes of the :class:`Scratch` buffers (plus the attention output) of one forward over ``tokens`` new
-    positions of ``rows`` rows in ``dtype``, with packed projections.
+    positions of ``rows`` rows in ``dtype`` on ``device_type``, with packed projections.
 
     Per token: residual, two normed / projected hidden vectors, joined q/k/v, q and k after RoPE with their
-    swap buffers, attention output (kernel result and re-laid copy), gate/up; plus RMSNorm's float32 copy.
+    swap buffers, attention output (kernel result and re-laid copy), gate/up; plus RMSNorm's float32 copy; and
+    when the matmuls take the float32-chunks form (:func:`janus_core.precision.matmul_form`, ``cpu_class``
+    default this machine's) their float32 inputs and outputs and the weight chunk.
     """
     d = spec.head_dim
     q, kv = spec.num_attention_heads * d, spec.num_key_value_heads * d
-    elements = 3 * spec.hidden_size + (q + 2 * kv) + 2 * q + 2 * kv + 2 * q + 2 * spec.intermediate_size
-    norm_f32 = 0 if dtype == torch.float32 else 4 * spec.hidden_size
-    return rows * tokens * (elements * dtype.itemsize + norm_f32)
+    hidden, inter = spec.hidden_size, spec.intermediate_size
+    elements = 3 * hidden + (q + 2 * kv) + 2 * q + 2 * kv + 2 * q + 2 * inter
+    norm_f32 = 0 if dtype == torch.float32 else 4 * hidden
+    n = rows * tokens
+    total = n * (elements * dtype.itemsize + norm_f32)
+    if device_type == "cpu" and cpu_class is None:
+        cpu_class = precision.local_cpu_class()
+    if precision.matmul_form(dtype, n, device_type, cpu_class) == precision.FP32_CHUNKS:
+        inputs, outputs = hidden + inter, (q + 2 * kv) + hidden + 2 * inter
+        total += 4 * (n * (inputs + outputs) + max(FP32_CHUNK_ELEMENTS, hidden, inter))
+    return total
 
 
 @dataclass

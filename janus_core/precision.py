@@ -1,8 +1,9 @@
-"""Which dtype each part of a Janus model runs in, and which matmul form the CPU streams fastest.
+"""Which dtype each part of a Janus model runs in, and which kernel form the device runs fastest.
 
 Every speed decision that depends on the machine is made here: :func:`probe_cpu` reads what the CPU and
 this torch build can do, and pure functions (:func:`bf16_class`, :func:`choose_precision`,
-:func:`matmul_form`) turn that into choices, so tests can call them with any capability faked.
+:func:`matmul_form`, :func:`attention_form`, :func:`conv_form`) turn that into choices, so tests can call
+them with any capability faked. The CPU is probed once per process and logged (:func:`local_cpu_caps`).
 
 CPU classes, by how they run bfloat16 (measurements: docs/PERFORMANCE.md):
 
@@ -18,7 +19,9 @@ CPU classes, by how they run bfloat16 (measurements: docs/PERFORMANCE.md):
   float32, converting the weight in cache-sized chunks.
 
 float32 weights on the CPU use ``weight @ x.T`` up to :data:`FP32_W_XT_ROWS` rows (MKL's SGEMM streams ~2x
-faster that way than with ``x @ weight.T`` on the machines measured). GPUs use ``x @ weight.T`` throughout.
+faster that way than with ``x @ weight.T`` on the machines measured). On CPUs without AMX, one-query decode
+steps attend row by row in float32 (:func:`attention_form`); float32 3x3 convolutions use NNPACK's Winograd
+transform where torch has it (:func:`conv_form`). GPUs use torch's defaults throughout.
 """
 
 from __future__ import annotations

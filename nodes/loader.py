@@ -47,7 +47,7 @@ class JanusModelHandle:
 
 def forward_buffer_bytes(model: JanusModel, rows: int, tokens: int) -> int:
     """Bytes of the LLM's work buffers for a forward over ``tokens`` new positions of ``rows`` sequences."""
-    return work_buffer_bytes(model.config.llm, rows, tokens, model.dtype)
+    return work_buffer_bytes(model.config.llm, rows, tokens, model.dtype, model.device.type)
 
 
 def kv_cache_bytes(model: JanusModel, rows: int, positions: int) -> int:

@@ -17,15 +17,21 @@ from janus_core.generate_ar import build_cfg_pair, cfg_logit_steps, decode_image
 from janus_core.generate_flow import build_flow_cfg, iter_flow_steps
 from janus_core.precision import (
     AMX,
+    DIRECT,
     EMULATED,
     FP32_CHUNKS,
+    FP32_ROWS,
     NATIVE,
+    SDPA,
     W_XT,
+    WINOGRAD,
     X_WT,
     CpuCaps,
     Precision,
+    attention_form,
     bf16_class,
     choose_precision,
+    conv_form,
     matmul_form,
     probe_cpu,
 )
@@ -123,6 +129,40 @@ def test_matmul_form_table(cpu_class, dtype, forms):
     rows = [1, 2, 4, 5, 16, 17, 32, 256, 257]
     assert [matmul_form(dtype, r, "cpu", cpu_class) for r in rows] == forms
     assert {matmul_form(dtype, r, "cuda") for r in rows} == {X_WT}
+
+
+def test_attention_form():
+    # one-query decode steps over a bf16 cache: row by row in fp32 on CPUs without AMX
+    assert [attention_form(BF16, 1, "cpu", c) for c in (AMX, NATIVE, EMULATED)] == [SDPA, FP32_ROWS, FP32_ROWS]
+    assert attention_form(BF16, 577, "cpu", NATIVE) == SDPA  # prefill / JanusFlow: compute-bound, torch's kernel
+    assert attention_form(FP32, 1, "cpu", NATIVE) == SDPA
+    assert attention_form(BF16, 1, "cuda") == SDPA
+
+
+def test_conv_form():
+    three = ((3, 3), (1, 1), (1, 1), 1)
+    assert conv_form(FP32, "cpu", *three, nnpack=True) == WINOGRAD
+    assert conv_form(FP32, "cpu", *three, nnpack=False) == DIRECT
+    assert conv_form(BF16, "cpu", *three, nnpack=True) == DIRECT
+    assert conv_form(FP32, "cuda", *three, nnpack=True) == DIRECT
+    assert conv_form(FP32, "cpu", (3, 3), (2, 2), (1, 1), 1, nnpack=True) == DIRECT  # the VQ encoder's downsample
+    assert conv_form(FP32, "cpu", (1, 1), (1, 1), (1, 1), 1, nnpack=True) == DIRECT
+
+
+def test_winograd_vq_decode_matches_the_golden(monkeypatch):
+    """The float32 VQ decoder gives the golden decode with and without NNPACK (the forms differ in rounding)."""
+    model = janus_core.load_model(PRO_TINY, device="cpu", dtype=FP32)
+    g = golden(PRO_TINY, "vq_decode")
+    calls = []
+    nnpack = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or nnpack(*a))
+    for available in (True, False) if torch._nnpack_available() else (False,):
+        monkeypatch.setattr(precision, "nnpack_available", lambda available=available: available)
+        calls.clear()
+        with torch.inference_mode():
+            decoded = model.net.gen_vision_model.decode_code(g["codes"], (24, 24))
+        assert bool(calls) == available
+        torch.testing.assert_close(decoded, g["decoded"], rtol=1e-4, atol=1e-4 * g["decoded"].abs().max().item())
 
 
 @pytest.fixture()
