@@ -82,8 +82,8 @@ def _long_pair(model: JanusModel, pair: CFGPair, extra: int) -> CFGPair:
 
 
 def time_sampler(model: JanusModel, pair: CFGPair, steps: int) -> tuple[float, StepClock]:
-    """Run our sampler for ``steps`` tokens: seconds to the first token (the prefill) and a clock of every token."""
-    clock = StepClock()
+    """Run our sampler for ``steps`` tokens: (seconds to the first token, the clock marked after each token)."""
+    clock = StepClock(cuda=model.device.type == "cuda")
     start = time.perf_counter()
     first: list[float] = []
 
@@ -109,12 +109,13 @@ def _zero_cache(model: JanusModel, rows: int, length: int) -> object:
     cache = DynamicCache(config=lm.config)
     shape = (rows, spec.num_key_value_heads, length, spec.head_dim)
     for i in range(spec.num_hidden_layers):
-        cache.update(torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype), i)
+        zeros = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        cache.update(zeros, zeros.clone(), i)
     return cache
 
 
 def _reference(model: JanusModel, pair: CFGPair, steps: int, late_len: int | None) -> tuple[float, StepClock]:
-    clock = StepClock()
+    clock = StepClock(cuda=model.device.type == "cuda")
     start = time.perf_counter()
     first: list[float] = []
     past = None if late_len is None else _zero_cache(model, 2 * pair.batch_size, late_len)
@@ -128,8 +129,10 @@ def _reference(model: JanusModel, pair: CFGPair, steps: int, late_len: int | Non
     return first[0], clock
 
 
-def run_ar(model: JanusModel, parallel: int, steps: int, repeats: int) -> tuple[ARRun, ARRun, int]:
-    """Time ours and the reference at batch ``parallel``; returns both runs and the prompt length."""
+def run_ar(model: JanusModel, ref_model: JanusModel, parallel: int, steps: int, repeats: int
+           ) -> tuple[ARRun, ARRun, int]:
+    """Time ours (on ``model``) and the reference (on ``ref_model``, may be the same) at batch ``parallel``;
+    returns both runs and the prompt length."""
     pair = build_cfg_pair(model, PROMPT, parallel)
     prompt_len = pair.cond_ids.numel()
     full = steps >= IMAGE_TOKENS
@@ -137,7 +140,7 @@ def run_ar(model: JanusModel, parallel: int, steps: int, repeats: int) -> tuple[
     late_extra = IMAGE_TOKENS - 1 - n
     late_pair = _long_pair(model, pair, late_extra)
     time_sampler(model, pair, 2)  # warm-up (allocator, rope tables, weight fusion)
-    _reference(model, pair, 2, None)
+    _reference(ref_model, pair, 2, None)
 
     def window(impl: str, late: bool) -> tuple[float, StepClock, int]:
         wait_quiet()
@@ -145,7 +148,7 @@ def run_ar(model: JanusModel, parallel: int, steps: int, repeats: int) -> tuple[
             if impl == "ours":
                 t0, clock = time_sampler(model, late_pair if late else pair, n + 1)
             else:
-                t0, clock = _reference(model, pair, n, prompt_len + late_extra if late else None)
+                t0, clock = _reference(ref_model, pair, n, prompt_len + late_extra if late else None)
         return t0, clock, mem.extra
 
     impls = ("ours", "reference")

@@ -45,13 +45,15 @@ def llm_flops_per_step(model: JanusModel, parallel: int, prompt_len: int, recomp
     return 2.0 * rows * tokens * params + rows * tokens * attn
 
 
-def run_flow(model: JanusModel, parallel: int, steps: int, repeats: int) -> tuple[FlowRun, FlowRun, int]:
-    """Time ours and the reference demo loop at batch ``parallel``; returns both and the prompt length."""
+def run_flow(model: JanusModel, ref_model: JanusModel, parallel: int, steps: int, repeats: int
+             ) -> tuple[FlowRun, FlowRun, int]:
+    """Time ours (on ``model``) and the reference demo loop (on ``ref_model``, may be the same) at batch
+    ``parallel``; returns both and the prompt length."""
     pair = build_flow_cfg(model, PROMPT, parallel, None)
     noise = initial_noise(model, parallel, 0)
 
     def ours(n: int) -> StepClock:
-        clock = StepClock()
+        clock = StepClock(cuda=model.device.type == "cuda")
         clock.mark()
         for i, _ in enumerate(iter_flow_steps(model, pair, noise, IMAGE_STEPS, CFG_WEIGHT)):
             clock.mark()
@@ -60,9 +62,9 @@ def run_flow(model: JanusModel, parallel: int, steps: int, repeats: int) -> tupl
         return clock
 
     def reference(n: int) -> StepClock:
-        clock = StepClock()
+        clock = StepClock(cuda=model.device.type == "cuda")
         clock.mark()
-        reference_flow_latents(model, pair, noise, n, CFG_WEIGHT, on_step=lambda i: clock.mark())
+        reference_flow_latents(ref_model, pair, noise, n, CFG_WEIGHT, on_step=lambda i: clock.mark())
         return clock
 
     impls = {"ours": ours, "reference": reference}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 QUIET_SHARE = 0.15  # other processes' CPU use (in cores) below which a step counts as clean
+QUIET_TIMEOUT = 60.0  # longest wait_quiet() waits by default (seconds)
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -39,11 +40,17 @@ def _own_seconds() -> float:
 
 @dataclass
 class StepClock:
-    """Marks taken after every step (wall clock, machine busy time, own CPU time); see :meth:`steps`."""
+    """Marks taken after every step (wall clock, machine busy time, own CPU time); see :meth:`steps`.
+
+    ``cuda``: wait for the GPU's queued work before each mark (GPU kernels run asynchronously).
+    """
 
     marks: list[tuple[float, float, float]] = field(default_factory=list)
+    cuda: bool = False
 
     def mark(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         self.marks.append((time.perf_counter(), _busy_seconds(), _own_seconds()))
 
     def __len__(self) -> int:
@@ -77,9 +84,10 @@ def summarize(clocks: Sequence[StepClock]) -> Timing:
     return Timing(statistics.median(pool), len(clean), len(steps))
 
 
-def wait_quiet(timeout: float = 60.0, window: float = 1.0) -> bool:
-    """Block until other processes use less than ``QUIET_SHARE`` cores over ``window`` s (or ``timeout``)."""
-    deadline = time.monotonic() + timeout
+def wait_quiet(timeout: float | None = None, window: float = 1.0) -> bool:
+    """Block until other processes use less than ``QUIET_SHARE`` cores over ``window`` s (or ``timeout``,
+    default :data:`QUIET_TIMEOUT`)."""
+    deadline = time.monotonic() + (QUIET_TIMEOUT if timeout is None else timeout)
     while time.monotonic() < deadline:
         b0, o0 = _busy_seconds(), _own_seconds()
         time.sleep(window)

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from janus_core.config import JanusConfig, parse_config
-from janus_core.model import JanusModel, _materialize_rope_buffers
+from janus_core.model import JanusModel, _materialize_rope_buffers, weight_dtype
 from janus_core.modules.composite import JanusARNet, JanusFlowNet
+from janus_core.precision import Precision, precision_for
 from janus_core.processor import ImagePreprocessor, JanusTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,11 +62,14 @@ def build_meta_net(config: JanusConfig) -> nn.Module:
         return JanusFlowNet(config) if config.is_flow else JanusARNet(config)
 
 
-def random_tensors(net: nn.Module, dtype: torch.dtype, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every entry of ``net``'s state dict: CPU, ``dtype``, seeded random values."""
+def random_tensors(net: nn.Module, dtype: torch.dtype | Precision, seed: int = 0
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every entry of ``net``'s state dict: CPU, ``dtype`` (one for all, or each
+    component's under a :class:`Precision`), seeded random values."""
     gen = torch.Generator().manual_seed(seed)
     for name, ref in net.state_dict().items():
-        out = torch.empty(ref.shape, dtype=dtype if ref.is_floating_point() else ref.dtype)
+        target = weight_dtype(name, dtype) if isinstance(dtype, Precision) else dtype
+        out = torch.empty(ref.shape, dtype=target if ref.is_floating_point() else ref.dtype)
         if ref.dim() >= 2:
             out.normal_(0.0, 0.02, generator=gen)
         elif _NORM_SCALE.search(name):
@@ -75,14 +79,41 @@ def random_tensors(net: nn.Module, dtype: torch.dtype, seed: int = 0) -> Iterato
         yield name, out
 
 
-def random_model(name: str, dtype: torch.dtype, layers: int | None = None, seed: int = 0) -> JanusModel:
-    """A :class:`JanusModel` of ``name``'s release shape with random weights on the CPU in ``dtype``."""
+def random_model(name: str, dtype: torch.dtype | Precision, layers: int | None = None, seed: int = 0) -> JanusModel:
+    """A :class:`JanusModel` of ``name``'s release shape with random weights on the CPU in ``dtype`` (one
+    dtype, or a :class:`Precision`)."""
     config = release_config(name, layers)
     net = build_meta_net(config)
-    net.load_state_dict(dict(random_tensors(net, dtype, seed)), strict=True, assign=True)
+    precision = dtype if isinstance(dtype, Precision) else Precision.uniform(dtype)
+    net.load_state_dict(dict(random_tensors(net, precision, seed)), strict=True, assign=True)
     _materialize_rope_buffers(net, config, torch.device("cpu"))
     net.eval().requires_grad_(False)
     folder = fixture_folder(name)
-    model = JanusModel(net, config, JanusTokenizer(folder), ImagePreprocessor.from_folder(folder), folder, dtype)
+    model = JanusModel(net, config, JanusTokenizer(folder), ImagePreprocessor.from_folder(folder), folder,
+                       precision)
     model.pack_projections()  # as load_model does
     return model
+
+
+# --dtypes name -> (our precision, the reference's): "auto" is what load_model picks on this machine; the
+# reference always runs one dtype (DeepSeek's scripts cast the whole model to bf16; fp16 on GPUs without bf16).
+DTYPE_NAMES = ("auto", "bf16", "fp32")
+_ONE_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def precisions(dtype_name: str, device: str = "cpu") -> tuple[Precision, Precision]:
+    """(ours, reference) precision on ``device`` for a ``--dtypes`` entry (see :data:`DTYPE_NAMES`)."""
+    if dtype_name == "auto":
+        no_bf16_gpu = torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported()
+        return precision_for(device), Precision.uniform(torch.float16 if no_bf16_gpu else torch.bfloat16)
+    one = Precision.uniform(_ONE_DTYPE[dtype_name])
+    return one, one
+
+
+def model_pair(name: str, dtype_name: str, layers: int | None = None, device: str = "cpu"
+               ) -> tuple[JanusModel, JanusModel]:
+    """(ours, reference) random models of ``name`` for ``dtype_name`` on ``device``; one shared model when the
+    precisions agree."""
+    ours, ref = precisions(dtype_name, device)
+    model = random_model(name, ours, layers).to(device)
+    return model, (model if ref == ours else random_model(name, ref, layers).to(device))

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from janus_core.generate_ar import CFGPair
 from janus_core.generate_flow import FlowCFG
@@ -23,6 +25,12 @@ from janus_core.model import JanusModel
 from janus_core.prompts import IMAGE_TOKENS
 
 StepHook = Callable[[int], None]
+
+
+def plain_gen_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The image-token head as the reference runs it: two ``nn.Linear`` calls around an exact GELU."""
+    first, second = head.output_mlp_projector, head.vision_head
+    return F.linear(F.gelu(F.linear(hidden, first.weight, first.bias)), second.weight, second.bias)
 
 
 @torch.inference_mode()
@@ -48,7 +56,7 @@ def reference_ar_tokens(model: JanusModel, pair: CFGPair, steps: int = IMAGE_TOK
     for i in range(steps):
         out = lm(inputs_embeds=embeds, use_cache=True, past_key_values=past)
         past = out.past_key_values
-        logits = net.gen_head(out.last_hidden_state[:, -1, :])
+        logits = plain_gen_head(net.gen_head, out.last_hidden_state[:, -1, :])
         cond, uncond = logits[0::2], logits[1::2]
         mixed = uncond + cfg_weight * (cond - uncond)
         probs = torch.softmax(mixed / temperature, dim=-1)

@@ -248,8 +248,7 @@ def _run_flow(args: argparse.Namespace) -> list[Path]:
     folder = _output_folder(args.out)
     model = _load(args)
     pair = build_flow_cfg(model, args.prompt, args.batch_size, args.negative)  # refuses non-JanusFlow models
-    vae_dtype = torch.float32 if model.device.type == "cpu" else torch.bfloat16
-    vae = load_sdxl_vae(args.vae, device=model.device, dtype=vae_dtype)
+    vae = load_sdxl_vae(args.vae, device=model.device, dtype=model.precision.vae)
     latents = generate_flow_latents(model, pair, seed=args.seed, steps=args.steps, cfg_weight=args.cfg_weight,
                                     callback=_LogProgress("flow steps"))
     return _save(decode_latents(vae, latents), folder, "janusflow", args.seed)

@@ -192,7 +192,7 @@ def noise_bytes(model: JanusModel, batch_size: int) -> int:
 
 
 def initial_noise(model: JanusModel, batch_size: int, seed: int) -> torch.Tensor:
-    """Starting latent ``[B, 4, 48, 48]`` in the model's dtype and device.
+    """Starting latent ``[B, 4, 48, 48]`` in the U-ViT's dtype (``model.precision.flow``) on the model's device.
 
     Row ``i`` is drawn with its own CPU generator seeded ``seed + i`` (mod 2**64, :func:`sampling.row_generators`),
     in float32, then cast; so results do not depend on the device, and image ``i`` can be regenerated alone.
@@ -204,7 +204,7 @@ def initial_noise(model: JanusModel, batch_size: int, seed: int) -> torch.Tensor
     check_fits("cpu", noise_bytes(model, batch_size), "JanusFlow starting noise", batch_size)
     gens = row_generators(seed, batch_size, torch.device("cpu"))
     z = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
-    return z.to(device=model.device, dtype=model.dtype)
+    return z.to(device=model.device, dtype=model.precision.flow)
 
 
 def _grid_positions(model: JanusModel) -> int:
@@ -224,6 +224,7 @@ def flow_bytes(model: JanusModel, pair: FlowCFG, cfg_weight: float = 2.0, image_
     """
     _require_flow(model, img2img=image_input)
     f, spec, dtype, device = model.config.flow, model.config.llm, model.dtype, model.device
+    uvit_dtype = model.precision.flow  # the U-ViT may run in float32 where the LLM runs in bfloat16
     size, hidden = dtype.itemsize, spec.hidden_size
     b = pair.batch_size
     groups = 2 if cfg_weight != 1.0 else 1
@@ -234,12 +235,12 @@ def flow_bytes(model: JanusModel, pair: FlowCFG, cfg_weight: float = 2.0, image_
     # noise, z, dt, next z (float32 at most); with an input latent: it, the re-noised input and a blend (the mask
     # has one channel)
     latents = (7 if image_input else 4) * b * f.latent_channels * LATENT_SIZE * LATENT_SIZE * 4
-    encoder = convnext_activation_bytes(f.enc_channels, grid, b, dtype)
+    encoder = convnext_activation_bytes(f.enc_channels, grid, b, uvit_dtype)
     inputs = (b * grid + rows * new) * hidden * size + rows * f.enc_channels * grid * size  # tokens, x, skip
     llm = forward_bytes(spec, rows, new, context, dtype, device)
     decoder = (work_buffer_bytes(spec, rows, new, dtype) + rows * new * hidden * size  # LLM buffers and output
                + rows * grid * hidden * (8 + 2 * size)  # its float32 norm
-               + convnext_activation_bytes(f.enc_channels + f.dec_channels, grid, rows, dtype))
+               + convnext_activation_bytes(f.enc_channels + f.dec_channels, grid, rows, uvit_dtype))
     held = kv_cache_bytes(spec, rows, context, dtype) + latents
     return held + max(prefill, encoder, inputs + max(llm, decoder))
 
@@ -307,7 +308,7 @@ def _image_latent(model: JanusModel, init_latent: object, batch: int) -> torch.T
     if not bool(torch.isfinite(init_latent).all()):
         raise JanusError("init_latent contains NaN/infinite values; encode the image again (in float32 or "
                          "bfloat16: the SDXL VAE overflows in float16).")
-    return init_latent.to(device=model.device, dtype=model.dtype).expand(batch, -1, -1, -1)
+    return init_latent.to(device=model.device, dtype=model.precision.flow).expand(batch, -1, -1, -1)
 
 
 def _latent_noise_mask(model: JanusModel, noise_mask: object, batch: int) -> torch.Tensor:
@@ -335,7 +336,7 @@ def _latent_noise_mask(model: JanusModel, noise_mask: object, batch: int) -> tor
         raise JanusError(f"{what}; got values outside 0..1 (or NaN).")
     if h != LATENT_SIZE:
         mask = F.interpolate(mask, size=(LATENT_SIZE, LATENT_SIZE), mode="bilinear")
-    return mask.to(device=model.device, dtype=model.dtype).expand(batch, -1, -1, -1)
+    return mask.to(device=model.device, dtype=model.precision.flow).expand(batch, -1, -1, -1)
 
 
 def _renoised(init_latent: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
@@ -377,7 +378,8 @@ def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps
                          "and no mask.")
     init = None if init_latent is None else _image_latent(model, init_latent, pair.batch_size)
     mask = None if noise_mask is None else _latent_noise_mask(model, noise_mask, pair.batch_size)
-    net, runner, device, dtype = model.net, model.llm, model.device, model.dtype
+    net, runner, device = model.net, model.llm, model.device
+    dtype, llm_dtype = model.precision.flow, model.precision.llm  # U-ViT side, LLM side
     b, prefix_len = pair.batch_size, pair.prompt_len
     guided = cfg_weight != 1.0
     groups = 2 if guided else 1
@@ -397,14 +399,14 @@ def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps
         z_emb, t_emb, _ = net.vision_gen_enc_model(z.contiguous(memory_format=torch.channels_last), t)
         grid = z_emb.shape[-2:]
         tokens = net.vision_gen_enc_aligner(z_emb.flatten(2).transpose(1, 2))  # [B, 576, hidden]
-        x = torch.cat([t_emb[:, None], tokens], dim=1)  # [B, 577, hidden]
+        x = torch.cat([t_emb[:, None], tokens], dim=1).to(llm_dtype)  # [B, 577, hidden]
         skip, cond_t = z_emb, t_emb
         if guided:
             # cat, not repeat: it keeps z_emb's channels-last layout, which the decoder's channel-wise
             # linears need to stay plain matmuls (a repeat makes it NCHW and 4x slower in bf16 on CPU)
             x, skip, cond_t = torch.cat([x, x]), torch.cat([z_emb, z_emb]), torch.cat([t_emb, t_emb])
         cache.length = prefix_len  # drop the previous step's 577 positions, keep the prompt
-        h = runner.forward(x, cache)[:, 1:]
+        h = runner.forward(x, cache)[:, 1:].to(dtype)
         h = net.vision_gen_dec_aligner(net.vision_gen_dec_aligner_norm(h))  # [rows, 576, C]
         h = h.reshape(h.shape[0], *grid, h.shape[-1]).permute(0, 3, 1, 2)
         v = net.vision_gen_dec_model(h, [skip], cond_t)  # [rows, 4, 48, 48]
@@ -424,7 +426,7 @@ def generate_flow_latents(model: JanusModel, prompt: str | FlowCFG, batch_size: 
                           negative_prompt: str | None = None, noise: torch.Tensor | None = None,
                           callback: StepCallback | None = None, init_latent: torch.Tensor | None = None,
                           denoise: float = 1.0, noise_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Generate final latents ``[B, 4, 48, 48]`` (model space, model dtype/device) for ``prompt``.
+    """Generate final latents ``[B, 4, 48, 48]`` (model space; the U-ViT's dtype, model device) for ``prompt``.
 
     ``prompt`` is text or a :class:`FlowCFG` (which then fixes the batch size and the negative prompt;
     ``batch_size`` defaults to 1 for text). ``noise`` replaces the seeded starting latent (see

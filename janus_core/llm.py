@@ -8,8 +8,9 @@ float32 angles, SiLU-gated MLP, softmax attention with scale ``head_dim**-0.5``.
 
 Speed (docs/PERFORMANCE.md): a decode step is bound by reading the weights, so the runner
 
-* on the CPU in bfloat16 with few rows computes ``weight @ x.T`` rather than ``x @ weight.T`` (oneDNN
-  streams the weight ~25 % faster in that operand order on AVX-512 / AMX machines);
+* computes each matmul in the form the device streams fastest (:func:`janus_core.precision.matmul_form`:
+  the operand order by CPU class, dtype and row count; on CPUs without bf16 instructions, bf16 weights
+  converted to float32 in cache-sized chunks when more than a few rows share them);
 * keeps the number of small ops per layer low: RMSNorm in 3 ops, RoPE from precomputed cos / signed-sin
   tables, in-place residual and SwiGLU updates, no attention mask unless padding needs one;
 * optionally runs one-token steps through ``torch.compile`` (``compile=True`` or ``JANUS_COMPILE=1``;
@@ -28,15 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import precision
 from .config import LlamaSpec
 
 logger = logging.getLogger(__name__)
 
-# Up to this many rows, bfloat16 CPU matmuls use the ``weight @ x.T`` operand order (see module doc).
-SMALL_ROWS = 256
 COMPILE_ENV = "JANUS_COMPILE"
 # Devices whose scaled_dot_product_attention kernels never materialise the attention scores (memory estimates).
 FUSED_ATTENTION_DEVICES = ("cpu", "cuda")
+# Elements of float32 weight converted per matmul in the float32-chunks form (4 MiB: stays in the L2 / L3 cache).
+FP32_CHUNK_ELEMENTS = 1 << 20
 
 
 class Scratch:
@@ -68,18 +70,29 @@ def _empty(scratch: Scratch | None, name: str, shape: tuple[int, ...], like: tor
     return scratch.get(name, shape, like, dtype)
 
 
-def work_buffer_bytes(spec: LlamaSpec, rows: int, tokens: int, dtype: torch.dtype) -> int:
+def work_buffer_bytes(spec: LlamaSpec, rows: int, tokens: int, dtype: torch.dtype, device_type: str = "cpu",
+                      cpu_class: str | None = None) -> int:
     """Bytes of the :class:`Scratch` buffers (plus the attention output) of one forward over ``tokens`` new
-    positions of ``rows`` rows in ``dtype``, with packed projections.
+    positions of ``rows`` rows in ``dtype`` on ``device_type``, with packed projections.
 
     Per token: residual, two normed / projected hidden vectors, joined q/k/v, q and k after RoPE with their
-    swap buffers, attention output (kernel result and re-laid copy), gate/up; plus RMSNorm's float32 copy.
+    swap buffers, attention output (kernel result and re-laid copy), gate/up; plus RMSNorm's float32 copy; and
+    when the matmuls take the float32-chunks form (:func:`janus_core.precision.matmul_form`, ``cpu_class``
+    default this machine's) their float32 inputs and outputs and the weight chunk.
     """
     d = spec.head_dim
     q, kv = spec.num_attention_heads * d, spec.num_key_value_heads * d
-    elements = 3 * spec.hidden_size + (q + 2 * kv) + 2 * q + 2 * kv + 2 * q + 2 * spec.intermediate_size
-    norm_f32 = 0 if dtype == torch.float32 else 4 * spec.hidden_size
-    return rows * tokens * (elements * dtype.itemsize + norm_f32)
+    hidden, inter = spec.hidden_size, spec.intermediate_size
+    elements = 3 * hidden + (q + 2 * kv) + 2 * q + 2 * kv + 2 * q + 2 * inter
+    norm_f32 = 0 if dtype == torch.float32 else 4 * hidden
+    n = rows * tokens
+    total = n * (elements * dtype.itemsize + norm_f32)
+    if device_type == "cpu" and cpu_class is None:
+        cpu_class = precision.local_cpu_class()
+    if precision.matmul_form(dtype, n, device_type, cpu_class) == precision.FP32_CHUNKS:
+        inputs, outputs = hidden + inter, (q + 2 * kv) + hidden + 2 * inter
+        total += 4 * (n * (inputs + outputs) + max(FP32_CHUNK_ELEMENTS, hidden, inter))
+    return total
 
 
 def forward_bytes(spec: LlamaSpec, rows: int, tokens: int, context: int, dtype: torch.dtype,
@@ -185,21 +198,44 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scratch: Scratch
     return torch.mul(x32, inv, out=_empty(scratch, name, tuple(x.shape), x)).mul_(weight)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None, name: str = "linear"
-           ) -> torch.Tensor:
-    """``x [..., K]`` times ``weight [N, K]`` transposed -> ``[..., N]`` (no bias); into ``scratch[name]`` if given.
+def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None, name: str = "linear",
+           cpu_class: str | None = None) -> torch.Tensor:
+    """``x [..., K]`` times ``weight [N, K]`` transposed -> ``[..., N]`` in ``x``'s dtype (no bias); into
+    ``scratch[name]`` if given. ``x`` and ``weight`` share a dtype.
 
-    The few-rows CPU bfloat16 path returns a transposed (non-contiguous) result: making it contiguous costs
-    more than the consumers' strided reads.
+    The form comes from :func:`janus_core.precision.matmul_form` for ``cpu_class`` (default: this machine's).
+    The ``weight @ x.T`` forms return a transposed (non-contiguous) result: making it contiguous costs more
+    than the consumers' strided reads.
     """
     rows = x.numel() // x.shape[-1]
     n = weight.shape[0]
     x2d = x.reshape(rows, x.shape[-1])
-    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and rows <= SMALL_ROWS:
+    device = weight.device.type
+    if device == "cpu" and cpu_class is None:
+        cpu_class = precision.local_cpu_class()
+    form = precision.matmul_form(weight.dtype, rows, device, cpu_class)
+    if form == precision.W_XT:
         out = torch.mm(weight, x2d.t(), out=_empty(scratch, name, (n, rows), x)).t()
+    elif form == precision.FP32_CHUNKS:
+        out = _fp32_chunks(x2d, weight, scratch, name).t()
     else:
         out = torch.mm(x2d, weight.t(), out=_empty(scratch, name, (rows, n), x))
     return out.view(*x.shape[:-1], n)
+
+
+def _fp32_chunks(x2d: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None, name: str) -> torch.Tensor:
+    """``weight @ x2d.T`` ``[N, rows]`` in ``x2d``'s dtype, computed in float32: the weight is converted
+    :data:`FP32_CHUNK_ELEMENTS` at a time into a reused buffer (for CPUs whose bf16 matmuls are emulated)."""
+    n, k = weight.shape
+    x32 = _empty(scratch, f"x_f32_{k}", tuple(x2d.shape), x2d, torch.float32).copy_(x2d)
+    out32 = _empty(scratch, f"{name}_f32", (n, x2d.shape[0]), x2d, torch.float32)
+    step = max(1, FP32_CHUNK_ELEMENTS // k)
+    buf = _empty(scratch, "w_f32", (max(FP32_CHUNK_ELEMENTS, k),), x2d, torch.float32)
+    for i in range(0, n, step):
+        m = min(step, n - i)
+        w32 = buf[: m * k].view(m, k).copy_(weight[i:i + m])
+        torch.mm(w32, x32.t(), out=out32[i:i + m])
+    return _empty(scratch, name, (n, x2d.shape[0]), x2d).copy_(out32)
 
 
 class RotaryTable:
@@ -339,37 +375,42 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def decoder_layer(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, eps: float,
-                  head_dim: int, attend: Attend, scratch: Scratch | None = None) -> torch.Tensor:
+                  head_dim: int, attend: Attend, scratch: Scratch | None = None, cpu_class: str | None = None
+                  ) -> torch.Tensor:
     """One Llama layer on ``x [B, T, hidden]``, updating ``x`` in place (and returning it).
 
     ``attend(q, k, v)`` gets ``[B, heads | kv_heads, T, head_dim]`` tensors, stores k / v in the cache and
     returns the attention output ``[B, heads, T, head_dim]``. Intermediate results go to ``scratch``'s buffers
-    when one is given (they are dead once the layer returns).
+    when one is given (they are dead once the layer returns). ``cpu_class``: see :func:`linear`.
     """
+
+    def proj(a: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
+        return linear(a, weight, scratch, name, cpu_class)
+
     bsz, t, _ = x.shape
     h = rms_norm(x, w.input_norm, eps, scratch, "h")
     if w.qkv is not None:
-        qkv = linear(h, w.qkv, scratch, "qkv").view(bsz, t, -1, head_dim)
+        qkv = proj(h, w.qkv, "qkv").view(bsz, t, -1, head_dim)
         n_q, n_k = w.q.shape[0] // head_dim, w.k.shape[0] // head_dim
         q, k, v = qkv[:, :, :n_q], qkv[:, :, n_q:n_q + n_k], qkv[:, :, n_q + n_k:]
     else:
-        q = linear(h, w.q, scratch, "q").view(bsz, t, -1, head_dim)
-        k = linear(h, w.k, scratch, "k").view(bsz, t, -1, head_dim)
-        v = linear(h, w.v, scratch, "v").view(bsz, t, -1, head_dim)
+        q = proj(h, w.q, "q").view(bsz, t, -1, head_dim)
+        k = proj(h, w.k, "k").view(bsz, t, -1, head_dim)
+        v = proj(h, w.v, "v").view(bsz, t, -1, head_dim)
     q, k = apply_rope(q, cos, sin, scratch, "q_rope"), apply_rope(k, cos, sin, scratch, "k_rope")
     o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)  # [B, T, heads, D]
     if not o.is_contiguous():
         o = _empty(scratch, "attn", tuple(o.shape), o).copy_(o)
-    x.add_(linear(o.view(bsz, t, -1), w.o, scratch, "proj"))
+    x.add_(proj(o.view(bsz, t, -1), w.o, "proj"))
     h = rms_norm(x, w.post_norm, eps, scratch, "h")
     if w.gate_up is not None:
-        gate_up = linear(h, w.gate_up, scratch, "gate_up")
+        gate_up = proj(h, w.gate_up, "gate_up")
         inter = w.gate.shape[0]
         gate, up = gate_up[..., :inter], gate_up[..., inter:]
     else:
-        gate, up = linear(h, w.gate, scratch, "gate"), linear(h, w.up, scratch, "up")
+        gate, up = proj(h, w.gate, "gate"), proj(h, w.up, "up")
     act = F.silu(gate, inplace=True).mul_(up)
-    return x.add_(linear(act, w.down, scratch, "proj"))
+    return x.add_(proj(act, w.down, "proj"))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -379,6 +420,24 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def _attend_rows_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, end: int,
+                      mask: torch.Tensor | None, scratch: Scratch) -> torch.Tensor:
+    """:func:`_sdpa` of one-query ``q [B, heads, 1, D]`` over the cache's first ``end`` positions, row by row in
+    float32: each row's keys and values are converted into a cache-resident buffer first. On CPUs without AMX
+    this streams a bf16 cache ~3x faster than the bf16 attention kernel (docs/PERFORMANCE.md)."""
+    bsz, kv_heads, capacity, head_dim = keys.shape
+    k32 = scratch.get("k_row_f32", (1, kv_heads, capacity, head_dim), q, torch.float32)[:, :, :end]
+    v32 = scratch.get("v_row_f32", (1, kv_heads, capacity, head_dim), q, torch.float32)[:, :, :end]
+    q32 = scratch.get("q_f32", tuple(q.shape), q, torch.float32).copy_(q)
+    out = scratch.get("attn_rows", tuple(q.shape), q)
+    for b in range(bsz):
+        row_mask = None if mask is None else mask[b:b + 1] if mask.shape[0] > 1 else mask
+        k32.copy_(keys[b:b + 1, :, :end])
+        v32.copy_(values[b:b + 1, :, :end])
+        out[b:b + 1].copy_(_sdpa(q32[b:b + 1], k32, v32, row_mask, False))
+    return out
 
 
 def _env_compile() -> bool:
@@ -403,6 +462,7 @@ class LlamaRunner:
         self.eps = spec.rms_norm_eps
         self.theta = spec.rope_theta
         self.compile = _env_compile() if compile is None else bool(compile)
+        self.cpu_class = precision.local_cpu_class()  # resolved here: the compiled step must not probe the CPU
         self._rope: RotaryTable | None = None
         self._step: Callable[..., torch.Tensor] | None = None
 
@@ -420,7 +480,7 @@ class LlamaRunner:
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden ``[..., hidden]`` -> text logits ``[..., vocab]``."""
-        return linear(hidden, self.lm.lm_head.weight)
+        return linear(hidden, self.lm.lm_head.weight, cpu_class=self.cpu_class)
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
@@ -451,15 +511,18 @@ class LlamaRunner:
         if x is None:
             mask = self._attention_mask(cache, start, end, new_valid)
             causal = mask is None and t > 1
+            form = precision.attention_form(cache.keys[0].dtype, t, embeds.device.type, self.cpu_class)
             x = cache.scratch.get("x", tuple(embeds.shape), embeds).copy_(embeds)
             for i, w in enumerate(weights):
                 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i) -> torch.Tensor:
                     keys, values = cache.keys[i], cache.values[i]
                     keys[:, :, start:end] = k
                     values[:, :, start:end] = v
+                    if form == precision.FP32_ROWS:
+                        return _attend_rows_fp32(q, keys, values, end, mask, cache.scratch)
                     return _sdpa(q, keys[:, :, :end], values[:, :, :end], mask, causal)
 
-                x = decoder_layer(x, w, cos, sin, self.eps, self.head_dim, attend, cache.scratch)
+                x = decoder_layer(x, w, cos, sin, self.eps, self.head_dim, attend, cache.scratch, self.cpu_class)
         cache.length = end
         return rms_norm(x, self.lm.model.norm.weight, self.eps)
 
@@ -523,5 +586,5 @@ class LlamaRunner:
                 values[i].index_copy_(2, pos, v)
                 return _sdpa(q, keys[i], values[i], mask, False)
 
-            x = decoder_layer(x, w, cos, sin, self.eps, self.head_dim, attend)
+            x = decoder_layer(x, w, cos, sin, self.eps, self.head_dim, attend, cpu_class=self.cpu_class)
         return x

@@ -1,12 +1,14 @@
 """``load_model``: a checkpoint folder -> a :class:`JanusModel` that knows its variant, tokenizer and processor.
 
-Device and dtype policy when not given:
+Device and precision when not given:
 
 * device: CUDA if available, else Apple MPS if available, else CPU.
-* dtype: CUDA -> bfloat16 where the GPU supports it, else float16; MPS -> float16; CPU -> bfloat16
-  (half the memory of float32: Janus-Pro-7B only fits a 24 GiB machine this way).
-* With float16 the VQ image decoder and the image-token head stay in float32 (the decoder's activations
-  overflow float16; the head's 16384 logits decide every sampled token).
+* precision: per component (LLM, image-token head, VQ tokenizer, SigLIP, U-ViT), chosen for the device the
+  model runs on by :func:`janus_core.precision.choose_precision`: bf16 on GPUs that support it, else float16
+  with the VQ decoder and the image-token head in float32 (the decoder's activations overflow float16; the
+  head's logits decide every token); MPS likewise; on the CPU bf16 when it has bf16 instructions, else bf16
+  LLM / head weights with the convolution stacks and SigLIP in float32. A ``dtype`` given by the caller is
+  used for every component (float16 still keeps those two in float32).
 
 Before anything is allocated, the config's sizes are checked (:mod:`janus_core.config`), every weight file's
 container is checked, and the number of weights config.json implies is compared with what the files hold
@@ -30,7 +32,8 @@ from .checkpoint import StoredSize, iter_checkpoint, stored_size
 from .config import JanusConfig, load_config
 from .errors import CheckpointError, JanusError
 from .llm import LlamaRunner, pack_projections, packed_slots
-from .modules.composite import JanusARNet, JanusFlowNet
+from .modules.composite import COMPONENT_OF, JanusARNet, JanusFlowNet
+from .precision import Precision, precision_for
 from .processor import ImagePreprocessor, JanusTokenizer
 
 logger = logging.getLogger(__name__)
@@ -53,9 +56,6 @@ def is_unused_key(name: str) -> bool:
 SIZE_TOLERANCE = 0.05
 # Bytes per value of .bin tensor data, whose dtype is only known after unpickling: bf16/fp16 up to fp32.
 PICKLE_ITEMSIZES = (2, 4)
-
-# Modules kept in float32 when the rest runs in float16.
-FP32_UNDER_FP16 = ("gen_vision_model", "gen_head")
 
 
 def default_device() -> torch.device:
@@ -96,29 +96,27 @@ def _readable_count(n: int) -> str:
     return str(n)
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16
-
-
 class JanusModel:
     """A loaded Janus model: ``net`` (the ``nn.Module``), ``config``, ``tokenizer``, ``image_processor``.
 
-    ``variant`` is ``"janus-1.3b"``, ``"janus-pro"`` or ``"janusflow"``; ``llm`` runs the language model.
+    ``variant`` is ``"janus-1.3b"``, ``"janus-pro"`` or ``"janusflow"``; ``llm`` runs the language model;
+    ``precision`` holds each component's dtype and ``dtype`` is the language model's.
     """
 
     def __init__(self, net: nn.Module, config: JanusConfig, tokenizer: JanusTokenizer,
-                 image_processor: ImagePreprocessor, folder: Path, dtype: torch.dtype):
+                 image_processor: ImagePreprocessor, folder: Path, precision: Precision):
         self.net = net
         self.config = config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.folder = folder
-        self.dtype = dtype
+        self.precision = precision
         self.llm = LlamaRunner(net.language_model, config.llm)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The language model's dtype (also the KV cache's)."""
+        return self.precision.llm
 
     @property
     def variant(self) -> str:
@@ -152,10 +150,9 @@ class JanusModel:
         return f"JanusModel(variant={self.variant!r}, folder='{self.folder}', device={self.device}, dtype={self.dtype})"
 
 
-def _target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    if dtype == torch.float16 and name.split(".", 1)[0] in FP32_UNDER_FP16:
-        return torch.float32
-    return dtype
+def weight_dtype(name: str, precision: Precision) -> torch.dtype:
+    """The dtype of the floating-point state-dict entry ``name`` under ``precision`` (by its component)."""
+    return precision.of(COMPONENT_OF[name.split(".", 1)[0]])
 
 
 def _materialize_rope_buffers(net: nn.Module, config: JanusConfig, device: torch.device) -> None:
@@ -175,19 +172,20 @@ def _listing(names: list[str], sep: str = ", ", limit: int = 20) -> str:
     return sep.join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
-def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torch.device,
+                 precision: Precision) -> None:
     """Fill the meta-device ``net`` from the checkpoint in ``folder`` (strict: every key and shape must match).
 
     Every weight is read into its final memory (dtype, device; the LLM's q/k/v and gate/up into their joined
     buffers, see :func:`janus_core.llm.packed_slots`) when the file format allows, and copied there otherwise.
     """
     expected = {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
-    slots = packed_slots(net.language_model, "language_model.", device, dtype)
+    slots = packed_slots(net.language_model, "language_model.", device, precision.llm)
 
     def destination(name: str) -> torch.Tensor | None:
         """The final memory of a floating-point weight (its joined buffer's slice, or a new tensor)."""
         if name not in slots and name in expected and expected[name][1].is_floating_point:
-            slots[name] = torch.empty(expected[name][0], dtype=_target_dtype(name, dtype), device=device)
+            slots[name] = torch.empty(expected[name][0], dtype=weight_dtype(name, precision), device=device)
         return slots.get(name)
 
     loaded: dict[str, torch.Tensor] = {}
@@ -211,7 +209,7 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
                 slot.copy_(tensor)
             loaded[name] = slot
             continue
-        target = _target_dtype(name, dtype) if tensor.is_floating_point() else tensor.dtype
+        target = weight_dtype(name, precision) if tensor.is_floating_point() else tensor.dtype
         loaded[name] = tensor.to(device=device, dtype=target)
     missing = sorted(set(expected) - set(loaded) - {m.split(":")[0] for m in misshaped})
     problems = []
@@ -252,20 +250,24 @@ def check_weight_count(stored: StoredSize, folder: Path, expected: int, *, exact
 
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-               variant: str | None = None) -> JanusModel:
+               variant: str | None = None, *, compute_device: torch.device | str | None = None) -> JanusModel:
     """Load the checkpoint folder ``path`` (config.json, tokenizer.json, weights) as a :class:`JanusModel`.
 
-    ``device``/``dtype`` default to the policy in this module's docstring; ``variant`` forces
-    ``"janus-1.3b"`` or ``"janus-pro"`` prompt roles (``None`` detects the variant).
+    ``device`` (where the weights are read to) and the precision default to the policy in this module's
+    docstring; ``dtype`` forces one dtype; ``compute_device`` (default ``device``) is where the model will run,
+    which the automatic precision is chosen for (ComfyUI reads weights to the CPU and runs them on a GPU).
+    ``variant`` forces ``"janus-1.3b"`` or ``"janus-pro"`` prompt roles (``None`` detects the variant).
     """
     folder = Path(path).expanduser()
     config = load_config(folder, variant=variant)
     tokenizer = JanusTokenizer(folder)
     image_processor = ImagePreprocessor.from_folder(folder)
     device = resolve_device(device)
-    dtype = dtype or default_dtype(device)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    # where the weights will run (ComfyUI: its compute device); only the precision is chosen for it here
+    compute = torch.device(compute_device) if compute_device is not None else device
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise JanusError(f"dtype must be a floating point torch dtype such as torch.bfloat16, got {dtype!r}.")
+    precision = precision_for(compute, dtype)
     if config.llm.vocab_size < tokenizer.vocab_size:
         raise CheckpointError(
             f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary has "
@@ -288,11 +290,12 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             "re-download the checkpoint."
         ) from exc
     check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
-    load_weights(net, config, folder, device, dtype)
+    load_weights(net, config, folder, device, precision)
     net.eval().requires_grad_(False)
     n_params = sum(p.numel() for p in net.parameters())
-    logger.info("%s: %s parameters on %s as %s", config.variant, _readable_count(n_params), device, dtype)
-    return JanusModel(net, config, tokenizer, image_processor, folder, dtype)
+    logger.info("%s: %s parameters on %s; precision: %s", config.variant, _readable_count(n_params), device,
+                precision.describe())
+    return JanusModel(net, config, tokenizer, image_processor, folder, precision)
 
 
 def param_bytes(model: JanusModel) -> int:
@@ -300,4 +303,4 @@ def param_bytes(model: JanusModel) -> int:
     return sum(p.numel() * p.element_size() for p in model.net.parameters())
 
 
-__all__ = ["JanusModel", "load_model", "default_device", "default_dtype", "param_bytes", "resolve_device"]
+__all__ = ["JanusModel", "load_model", "default_device", "param_bytes", "resolve_device", "weight_dtype"]

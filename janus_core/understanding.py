@@ -43,7 +43,7 @@ def _prompt_inputs(model: JanusModel, question: str, num_images: int, system_pro
 def _image_features(model: JanusModel, images: list[Image.Image]) -> torch.Tensor:
     """RGB PIL images -> LLM-space features ``[N, R, hidden]`` (R = 576, or 577 for JanusFlow)."""
     pixels = model.image_processor.batch(images)
-    return model.net.image_features(pixels.to(device=model.device, dtype=model.dtype))
+    return model.net.image_features(pixels.to(model.device))
 
 
 def _fuse(model: JanusModel, inputs: UnderstandingInputs, features: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from janus_core.errors import CheckpointError
 from janus_core.hub import KNOWN_RELEASES, download_model, escape_reason, is_model_folder, known_name
-from janus_core.model import JanusModel, default_dtype, load_model
+from janus_core.model import JanusModel, load_model
 
 from . import comfy_services as comfy
 
@@ -155,8 +155,9 @@ class DSJanusModelLoader:
                 raise CheckpointError(_not_found(model))
             path = download_model(KNOWN_RELEASES[short].repo_id, comfy.download_dir() / short)
         device = comfy.torch_device()
-        torch_dtype = DTYPES[dtype] or default_dtype(device)
-        # In ComfyUI the weights are read into the offload device; ready() moves them before each use.
+        # In ComfyUI the weights are read into the offload device; ready() moves them before each use. The
+        # automatic precision is chosen for the device they run on.
         loaded = load_model(path, device=comfy.offload_device() if comfy.IN_COMFYUI else device,
-                            dtype=torch_dtype, variant=None if variant == "auto" else variant)
+                            dtype=DTYPES[dtype], variant=None if variant == "auto" else variant,
+                            compute_device=device)
         return (JanusModelHandle(loaded, device),)

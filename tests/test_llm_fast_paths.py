@@ -5,8 +5,18 @@ import torch
 import torch.nn.functional as F
 
 import janus_core
+from janus_core import precision
 from janus_core.generate_ar import build_cfg_pair, cfg_logit_steps
-from janus_core.llm import SMALL_ROWS, RotaryTable, apply_rope, linear, rms_norm
+from janus_core.llm import (
+    FP32_CHUNK_ELEMENTS,
+    RotaryTable,
+    Scratch,
+    _attend_rows_fp32,
+    _sdpa,
+    apply_rope,
+    linear,
+    rms_norm,
+)
 from tests.conftest import PRO_TINY
 
 
@@ -42,12 +52,21 @@ def test_rope_is_bit_identical(dtype):
     assert apply_rope(strided, cos, sin).is_contiguous()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 32, SMALL_ROWS + 1])
-def test_linear_bf16_operand_order(rows):
+@pytest.mark.parametrize("cpu_class", [precision.AMX, precision.NATIVE, precision.EMULATED])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 17, 32, 300, 1100])
+def test_linear_every_form(monkeypatch, cpu_class, dtype, rows):
+    """Whatever form the (faked) CPU class picks, the product is F.linear's, in x's dtype, with its shape."""
+    monkeypatch.setattr(precision, "local_cpu_class", lambda: cpu_class)
     gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 1, 96, generator=gen).to(torch.bfloat16)
-    w = torch.randn(40, 96, generator=gen).to(torch.bfloat16)
-    torch.testing.assert_close(linear(x, w).float(), F.linear(x.float(), w.float()), rtol=2e-2, atol=5e-2)
+    # more weight rows than one float32 chunk holds, so the chunked form runs several chunks and a partial one
+    n = FP32_CHUNK_ELEMENTS // 96 * 2 + 7 if rows == 5 else 40
+    x = torch.randn(rows, 1, 96, generator=gen).to(dtype)
+    w = torch.randn(n, 96, generator=gen).to(dtype)
+    out = linear(x, w)
+    assert out.dtype == dtype and out.shape == (rows, 1, n)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(out.float(), F.linear(x.float(), w.float()), **tol)
 
 
 def test_bf16_logits_follow_float32():
@@ -63,3 +82,23 @@ def test_bf16_logits_follow_float32():
         results.append(torch.stack(logits).float())
     ref, got = results
     torch.testing.assert_close(got, ref, rtol=0, atol=3e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention
+def test_row_by_row_fp32_attention(masked, kv_heads):
+    """The decode-step attention form for CPUs without AMX equals float32 attention over the same cache."""
+    gen = torch.Generator().manual_seed(kv_heads)
+    b, heads, capacity, end, d = 3, 4, 20, 13, 16
+    keys = torch.randn(b, kv_heads, capacity, d, generator=gen).to(torch.bfloat16)
+    values = torch.randn(b, kv_heads, capacity, d, generator=gen).to(torch.bfloat16)
+    q = torch.randn(b, heads, 1, d, generator=gen).to(torch.bfloat16)
+    mask = None
+    if masked:
+        mask = torch.ones(b, 1, 1, end, dtype=torch.bool)
+        mask[1, ..., :5] = False  # a left-padded row
+    got = _attend_rows_fp32(q, keys, values, end, mask, Scratch())
+    ref = _sdpa(q.float(), keys[:, :, :end].float(), values[:, :, :end].float(), mask, False)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    torch.testing.assert_close(got.float(), ref, rtol=0, atol=1e-2)
+    assert precision.attention_form(torch.bfloat16, 1, "cpu", precision.NATIVE) == precision.FP32_ROWS

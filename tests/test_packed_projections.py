@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from janus_core import load_model
+from janus_core import load_model, precision
 from janus_core.llm import KVCache, LayerWeights, decoder_layer, joined_weight, pack_projections, work_buffer_bytes
 from nodes.loader import JanusModelHandle
 from tests.conftest import PRO_TINY
@@ -150,9 +150,12 @@ def test_work_buffers_are_reused_and_change_nothing():
     assert torch.equal(plain, buffered)
 
 
+@pytest.mark.parametrize("cpu_class", [precision.AMX, precision.NATIVE, precision.EMULATED])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_work_buffer_estimate_matches_the_buffers(dtype):
-    """What the nodes announce to ComfyUI's memory manager is what a forward allocates."""
+def test_work_buffer_estimate_matches_the_buffers(monkeypatch, dtype, cpu_class):
+    """What the nodes announce to ComfyUI's memory manager is what a forward allocates (whatever the matmul form
+    the CPU class picks: the float32-chunks form of CPUs without bf16 instructions has more buffers)."""
+    monkeypatch.setattr(precision, "local_cpu_class", lambda: cpu_class)
     model = load_model(PRO_TINY, device="cpu", dtype=dtype)
     spec = model.config.llm
     rows, tokens = 2, 9

@@ -18,6 +18,18 @@ from .siglip import VisionTower
 from .uvit import RMSNorm, ShallowUViTDecoder, ShallowUViTEncoder
 from .vq import VQModel
 
+# Top-level modules of both networks -> the precision component they belong to (janus_core.precision.COMPONENTS).
+# Each component runs in one dtype; data is cast where it passes from one component to the next.
+COMPONENT_OF = {
+    "language_model": "llm", "gen_embed": "llm", "gen_aligner": "llm",
+    "gen_head": "gen_head",
+    "gen_vision_model": "vq",
+    "vision_model": "vision", "aligner": "vision",
+    "vision_und_enc_model": "vision", "vision_und_enc_aligner": "vision", "beg_of_und_embed": "vision",
+    "vision_gen_enc_model": "flow", "vision_gen_enc_aligner": "flow", "vision_gen_dec_model": "flow",
+    "vision_gen_dec_aligner_norm": "flow", "vision_gen_dec_aligner": "flow",
+}
+
 
 def build_llama(spec: LlamaSpec) -> nn.Module:
     """transformers ``LlamaForCausalLM`` of the given sizes (holds the weights; :mod:`janus_core.llm` runs it)."""
@@ -59,7 +71,9 @@ class JanusARNet(nn.Module):
         self.language_model = build_llama(cfg.llm)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels ``[N, 3, 384, 384]`` -> LLM-space features ``[N, 576, hidden]``."""
+        """pixels ``[N, 3, 384, 384]`` (any float dtype) -> LLM-space features ``[N, 576, hidden]`` in the
+        vision encoder's dtype."""
+        pixels = pixels.to(self.aligner.layers[0].weight.dtype)
         return self.aligner(self.vision_model(pixels))
 
     def image_token_embeds(self, codes: torch.Tensor) -> torch.Tensor:
@@ -93,7 +107,9 @@ class JanusFlowNet(nn.Module):
         self.vision_gen_dec_aligner = nn.Linear(hidden, f.dec_channels)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels ``[N, 3, 384, 384]`` -> ``[N, 577, hidden]``: begin-of-understanding row + 576 features."""
+        """pixels ``[N, 3, 384, 384]`` (any float dtype) -> ``[N, 577, hidden]`` in the vision encoder's dtype:
+        begin-of-understanding row + 576 features."""
+        pixels = pixels.to(self.vision_und_enc_aligner.weight.dtype)
         feats = self.vision_und_enc_aligner(self.vision_und_enc_model(pixels))
         boi = self.beg_of_und_embed.to(feats.dtype).expand(feats.shape[0], 1, -1)
         return torch.cat([boi, feats], dim=1)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from janus_core.errors import JanusError
+from janus_core.llm import linear
 
 
 class MlpProjector(nn.Module):
@@ -42,6 +43,10 @@ class GenHead(nn.Module):
         self.vision_head = nn.Linear(image_token_embed, image_token_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [.., n_embed] -> logits [.., image_token_size] (computed in the head's own dtype)."""
-        hidden = hidden.to(self.output_mlp_projector.weight.dtype)
-        return self.vision_head(self.vision_activation(self.output_mlp_projector(hidden)))
+        """hidden [.., n_embed] -> logits [.., image_token_size] (computed in the head's own dtype).
+
+        Its matmuls are the LLM's (:func:`janus_core.llm.linear`): the head is read once per decode step too.
+        """
+        first, second = self.output_mlp_projector, self.vision_head
+        h = linear(hidden.to(first.weight.dtype), first.weight).add_(first.bias)
+        return linear(self.vision_activation(h), second.weight).add_(second.bias)

@@ -14,10 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from janus_core import precision
 from janus_core.errors import JanusError
 
 GN_GROUPS = 32
 GN_EPS = 1e-6
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and keys) that runs in the form :func:`janus_core.precision.conv_form`
+    picks: float32 3x3 convolutions on the CPU through NNPACK's Winograd transform."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        form = precision.conv_form(weight.dtype, weight.device.type, self.kernel_size, self.stride, self.dilation,
+                                   self.groups, precision.nnpack_available())
+        if form == precision.WINOGRAD and self.padding_mode == "zeros" and x.dim() == 4:
+            return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, list(self.padding))
+        return super()._conv_forward(x, weight, bias)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -33,10 +46,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__()
         self.norm1 = _norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.norm2 = _norm(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in_ch, H, W] -> [B, out_ch, H, W]."""
@@ -55,10 +68,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = _norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C, H, W]."""
@@ -78,7 +91,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C, H/2, W/2]."""
@@ -93,7 +106,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C, 2H, 2W]."""
@@ -143,7 +156,7 @@ class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int) -> None:
         super().__init__()
         n = len(ch_mult)
-        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.conv_in = Conv2d(3, ch, 3, padding=1)
         blocks = []
         block_in = ch
         for i, mult in enumerate(ch_mult):
@@ -154,7 +167,7 @@ class Encoder(nn.Module):
         self.conv_blocks = nn.ModuleList(blocks)
         self.mid = _mid(block_in)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, z_channels, H/f, W/f]."""
@@ -177,7 +190,7 @@ class Decoder(nn.Module):
         super().__init__()
         n = len(ch_mult)
         block_in = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.conv_in = Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = _mid(block_in)
         blocks = []
         for i, mult in enumerate(reversed(ch_mult)):
@@ -187,7 +200,7 @@ class Decoder(nn.Module):
             block_in = block_out
         self.conv_blocks = nn.ModuleList(blocks)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
+        self.conv_out = Conv2d(block_in, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """[B, z_channels, h, w] -> [B, 3, h*f, w*f]."""
@@ -265,9 +278,9 @@ class VQModel(nn.Module):
         self.codebook_embed_dim = codebook_embed_dim
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels)
-        self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, 1)
+        self.quant_conv = Conv2d(z_channels, codebook_embed_dim, 1)
         self.quantize = VectorQuantizer(codebook_size, codebook_embed_dim)
-        self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, 1)
+        self.post_quant_conv = Conv2d(codebook_embed_dim, z_channels, 1)
         self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels)
 
     def codebook_entries(self, codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -306,7 +319,7 @@ class VQModel(nn.Module):
             raise JanusError(
                 f"VQ encoder expects pixels [B, 3, H, W] with H and W multiples of {f}, got {list(pixels.shape)}."
             )
-        z = self.quant_conv(self.encoder(pixels))  # [B, D, h, w]
+        z = self.quant_conv(self.encoder(pixels.to(self.quant_conv.weight.dtype)))  # [B, D, h, w]
         b, d, h, w = z.shape
         z = F.normalize(z.permute(0, 2, 3, 1).reshape(b, h * w, d).float(), p=2, dim=-1)
         codebook = self.quantize.normalized_codebook().float()  # [K, D]
