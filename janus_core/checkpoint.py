@@ -12,7 +12,9 @@ one copy of the weights.
 Pickles are read with ``torch.load(weights_only=True, mmap=False)``, and only on torch >= 2.6: before
 2.6 ``weights_only`` can be bypassed by a crafted file (CVE-2025-32434). A file that needs more than plain
 tensors is refused. torch's format has no per-tensor reads, so each pickle file is read whole; its
-tensors are then handed out one at a time and dropped from the loaded dict as they go.
+tensors are then handed out one at a time and dropped from the loaded dict as they go. Callers that
+convert every tensor as it comes (quantization) stream instead: the file is memory-mapped and each
+tensor's pages are given back once it has been converted (``iter_checkpoint(stream=True)``).
 
 Only files inside the model folder are read: shard names in an index must be relative paths that stay
 inside it (no ``..``, no absolute paths or drive letters, no directory that is a symbolic link leading out).
@@ -25,8 +27,11 @@ alone, so the loader can compare it with what config.json implies before allocat
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
+import mmap
 import os
 import pickle
 import re
@@ -329,15 +334,16 @@ def _unpickler_reason(exc: Exception) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
-def _iter_pickle(path: Path, destination: Destination | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a ``torch.save`` state dict, read whole, then popped and handed out one at a time.
+def _load_pickle(path: Path, mmap: bool) -> dict[str, torch.Tensor]:
+    """The state dict of the ``torch.save`` file ``path``, checked to be names -> tensors.
 
-    ``destination`` is not used: the format cannot be read into given memory.
+    ``mmap=False`` reads the whole file; ``mmap=True`` maps it (private, read-only use), so tensor data is
+    read from the file only when touched.
     """
     _require_safe_unpickler(path)
     _pickle_data_bytes(path)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except MemoryError:  # not a sign of a damaged file: let it through as it is
         raise
     except pickle.UnpicklingError as exc:
@@ -360,9 +366,55 @@ def _iter_pickle(path: Path, destination: Destination | None = None) -> Iterator
             raise CheckpointError(f"{path}: the state dict has a key {name!r:.60}, not a tensor name.")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry '{name}' is a {type(value).__name__}, not a tensor.")
+    return state
+
+
+_MADV_DONTNEED = 4
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise`` on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Give the whole memory pages of the memory-mapped ``tensor`` back to the system (Linux; a no-op elsewhere).
+
+    The mapping is private and never written, so a page touched again is simply re-read from the file.
+    """
+    madvise = _madvise()
+    if madvise is None or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end > start:
+        madvise(start, end - start, _MADV_DONTNEED)
+
+
+def _iter_pickle(path: Path, destination: Destination | None = None, stream: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a ``torch.save`` state dict, popped and handed out one at a time.
+
+    The file is read whole, or with ``stream`` memory-mapped, each tensor's pages given back once the caller
+    asks for the next one (so the caller must have copied or converted it by then): reading then holds about
+    one tensor of the file at a time. ``destination`` is not used: the format cannot be read into given memory.
+    """
+    state = _load_pickle(path, mmap=stream)
     # Pop each tensor before yielding it: once the caller drops it, nothing here keeps it alive.
     for name in list(state):
-        yield name, state.pop(name)
+        tensor = state.pop(name)
+        yield name, tensor
+        if stream:
+            _release_pages(tensor)
 
 
 @dataclass(frozen=True)
@@ -393,7 +445,7 @@ def stored_size(folder: str | Path, skip: Callable[[str], bool] | None = None) -
     return StoredSize(elements, pickle_bytes)
 
 
-def iter_checkpoint(folder: str | Path, destination: Destination | None = None
+def iter_checkpoint(folder: str | Path, destination: Destination | None = None, *, stream: bool = False
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every stored tensor of the checkpoint in ``folder`` (CPU, stored dtype).
 
@@ -402,8 +454,27 @@ def iter_checkpoint(folder: str | Path, destination: Destination | None = None
     (converted on the way through a small bounce buffer when the dtype or device differs) and that tensor is
     yielded. For another shape or a non-contiguous tensor, and for pickles, a fresh tensor in the stored
     dtype is yielded and the caller copies.
+
+    ``stream=True`` is for callers that convert every tensor before asking for the next (quantization):
+    pickles are then memory-mapped instead of read whole, and a yielded tensor that is not a ``destination``
+    is only valid until the next one is asked for.
     """
     for path in weight_files(folder):
         logger.info("reading %s", path)
-        reader = _iter_safetensors if path.suffix == ".safetensors" else _iter_pickle
-        yield from reader(path, destination)
+        if path.suffix == ".safetensors":
+            yield from _iter_safetensors(path, destination)
+        else:
+            yield from _iter_pickle(path, destination, stream)
+
+
+def tensor_specs(folder: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``name -> (shape, dtype)`` of every stored tensor, from safetensors headers and memory-mapped pickles
+    (no tensor data is read)."""
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            with path.open("rb") as fh:
+                specs.update((e.name, (e.shape, e.dtype)) for e in _read_safetensors_header(path, fh))
+        else:
+            specs.update((n, (tuple(t.shape), t.dtype)) for n, t in _load_pickle(path, mmap=True).items())
+    return specs
