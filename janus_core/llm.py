@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LlamaSpec
+from .quant.kernels import join as join_quantized
+from .quant.kernels import matmul as quantized_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +190,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scratch: Scratch
 def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None, name: str = "linear"
            ) -> torch.Tensor:
     """``x [..., K]`` times ``weight [N, K]`` transposed -> ``[..., N]`` (no bias); into ``scratch[name]`` if given.
+    ``weight`` may also be weight-only quantized (:func:`janus_core.quant.kernels.matmul`, its own output).
 
     The few-rows CPU bfloat16 path returns a transposed (non-contiguous) result: making it contiguous costs
     more than the consumers' strided reads.
@@ -195,6 +198,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None
     rows = x.numel() // x.shape[-1]
     n = weight.shape[0]
     x2d = x.reshape(rows, x.shape[-1])
+    if not isinstance(weight, torch.Tensor):  # a weight-only quantized weight (janus_core.quant)
+        return quantized_matmul(x2d, weight).view(*x.shape[:-1], n)
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and rows <= SMALL_ROWS:
         out = torch.mm(weight, x2d.t(), out=_empty(scratch, name, (n, rows), x)).t()
     else:
@@ -253,6 +258,8 @@ def joined_weight(parts: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     parameter), in which case callers run one matmul per part.
     """
     first = parts[0]
+    if not isinstance(first, torch.Tensor):  # rows of a joined quantized layer (janus_core.quant)
+        return join_quantized(parts)
     offset = first.storage_offset()
     base = first.untyped_storage().data_ptr()
     for p in parts:
