@@ -372,3 +372,31 @@ def test_weight_count_check_knows_quantized_layouts(int4_folder, tmp_path):
 def test_unknown_mode_is_refused():
     with pytest.raises(JanusError, match="Unknown quantization 'int2'"):
         janus_core.load_model(PRO_TINY, device="cpu", quantize="int2")
+
+
+# --- node and command line -------------------------------------------------------------------------------------
+
+
+def test_loader_node_offers_int8_and_int4_after_the_old_choices():
+    from nodes.loader import DSJanusModelLoader
+    from tests.conftest import node_model
+
+    choices = DSJanusModelLoader.INPUT_TYPES()["required"]["dtype"][0]
+    assert choices == ["auto", "bf16", "fp16", "fp32", "int8", "int4"]  # old workflows' values stay valid
+    handle = node_model(PRO_TINY, dtype="int8")
+    assert handle.model.quantization == "int8" and handle.model.dtype == torch.bfloat16  # auto on the CPU
+    assert handle.ready().quantization == "int8"
+
+
+def test_command_line_quantizes_and_loads(tmp_path, capsys, caplog):
+    from janus_core.cli import main
+
+    out = tmp_path / "int8"
+    assert main(["quantize", "--model", str(PRO_TINY), "--dtype", "int8", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and read_quantization(out).mode == "int8"
+    assert main(["generate", "--model", str(out), "--prompt", "a cat", "--top-k", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "images")]) == 0
+    assert (tmp_path / "images" / "janus_0.png").is_file()
+    assert main(["generate", "--model", str(out), "--prompt", "a cat", "--dtype", "int4", "--device", "cpu",
+                 "--out", str(tmp_path / "images")]) == 2
+    assert "holds int8 weights" in caplog.text
