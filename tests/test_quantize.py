@@ -259,8 +259,12 @@ def test_weights_stay_canonical_until_they_reach_their_compute_device():
     model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int4",
                                   compute_device="meta")
     assert {m.layout for m in quant_layers(model.net).values()} == {PLAIN}
-    model.pack_projections()  # what the ComfyUI handle does after moving the weights
+    with torch.inference_mode():  # ComfyUI runs nodes, and so the handle's ready(), in inference mode
+        model.pack_projections()  # what the ComfyUI handle does after moving the weights
+        tokens = generate_image_tokens(model, "a cat", top_k=1)
     assert CPU_INT4 in {m.layout for m in quant_layers(model.net).values()}
+    direct = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int4")
+    assert torch.equal(tokens, generate_image_tokens(direct, "a cat", top_k=1))
 
 
 def test_weights_packed_for_another_device_are_refused():

@@ -191,24 +191,32 @@ class QuantizedWeight:
     def rows(self, start: int, stop: int) -> WeightRows:
         return WeightRows(self, start, stop)
 
-    def dequantize_rows(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
-        """Weight rows ``rows`` in ``dtype`` (float math in ``dtype``; int8 without its scale, see
-        :func:`matmul`); None when the layout cannot be read back (tiled int4)."""
+    def readable(self) -> bool:
+        """Whether :meth:`dequantize_rows` can read this layout back (not the tiled int4 one)."""
+        if self.mode == "int8" or self.layout == PLAIN:
+            return True
+        blocks = cpu_int4_blocks() if self.layout == CPU_INT4 else None
+        return blocks is not None and self.shape[0] % blocks[0] == 0
+
+    def dequantize_rows(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """Weight rows ``rows`` into ``out [len(rows), K]`` (its dtype; int8 values without their scale, see
+        :func:`_dequantized_matmul`). Only for :meth:`readable` layouts."""
         k = self.shape[1]
         if self.mode == "int8":
-            return self.qweight[rows].to(dtype)
+            return out.copy_(self.qweight[rows])
         if self.layout == PLAIN:
-            values = int4_values(self.qweight[rows])
+            pairs = out.view(-1, k // 2, 2)
+            packed = self.qweight[rows]
+            pairs[..., 0].copy_(packed >> 4)
+            pairs[..., 1].copy_(packed & 0xF)
             scale_zero = self.qscale[rows]  # [m, K / g, 2]
-        elif self.layout == CPU_INT4 and cpu_int4_blocks() and self.shape[0] % cpu_int4_blocks()[0] == 0:
-            values = _unpack_blocks(self.qweight, cpu_int4_blocks(), rows, k)
-            scale_zero = self.qscale[:, rows].transpose(0, 1)
         else:
-            return None
+            out.copy_(_unpack_blocks(self.qweight, cpu_int4_blocks(), rows, k))
+            scale_zero = self.qscale[:, rows].transpose(0, 1)
         groups = scale_zero.shape[1]
-        w = values.to(dtype).view(-1, groups, k // groups).sub_(INT4_OFFSET)
-        w.mul_(scale_zero[..., :1].to(dtype)).add_(scale_zero[..., 1:].to(dtype))
-        return w.view(-1, k)
+        w = out.view(-1, groups, k // groups).sub_(INT4_OFFSET)
+        w.mul_(scale_zero[..., :1].to(out.dtype)).add_(scale_zero[..., 1:].to(out.dtype))
+        return out
 
 
 @dataclass(frozen=True)
@@ -244,19 +252,17 @@ def _block_rows(w: QuantizedWeight) -> int:
     return max(align, DEQUANT_CHUNK // w.shape[1] // align * align)
 
 
-def _dequantized_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
-    """``x [M, K] @ w.T`` by dequantizing ``w`` chunk by chunk into a reused buffer; ``[M, N]`` (a transposed
-    view of a ``[N, M]`` result). None when ``w``'s layout cannot be dequantized."""
+def _dequantized_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """``x [M, K] @ w.T`` by dequantizing ``w`` chunk by chunk into one reused buffer (never a whole copy of the
+    layer); ``[M, N]``, a transposed view of a ``[N, M]`` result. ``w`` must be :meth:`~QuantizedWeight.readable`."""
     n, k = w.shape
     out = torch.empty(n, x.shape[0], dtype=x.dtype, device=x.device)
     xt = x.t()
     step = _block_rows(w)
+    buffer = torch.empty(min(step, n), k, dtype=x.dtype, device=x.device)
     for first in range(0, n, step):
         rows = slice(first, min(first + step, n))
-        chunk = w.dequantize_rows(rows, x.dtype)
-        if chunk is None:
-            return None
-        torch.mm(chunk, xt, out=out[rows])
+        torch.mm(w.dequantize_rows(rows, buffer[: rows.stop - first]), xt, out=out[rows])
     if w.mode == "int8":
         out.mul_(w.qscale[:, None].to(x.dtype))
     return out.t()
@@ -268,12 +274,10 @@ def matmul(x: torch.Tensor, weight: QuantizedWeight | WeightRows) -> torch.Tenso
     if isinstance(weight, WeightRows):
         return matmul(x, weight.parent)[:, weight.start:weight.stop]
     kernel = _BY_KEY.get((weight.kernel, weight.layout)) if weight.kernel else None
-    if kernel is None or x.shape[0] > kernel.max_rows:
-        out = _dequantized_matmul(x, weight)
-        if out is not None:
-            return out
-        if kernel is None:
-            raise JanusError(f"internal: no way to multiply by a {weight.layout} {weight.mode} weight")
+    if (kernel is None or x.shape[0] > kernel.max_rows) and weight.readable():
+        return _dequantized_matmul(x, weight)
+    if kernel is None:
+        raise JanusError(f"internal: no way to multiply by a {weight.layout} {weight.mode} weight")
     return kernel.run(x.contiguous(), weight.qweight, weight.qscale, weight.group)
 
 
