@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import StoredSize, iter_checkpoint, stored_size
+from .checkpoint import StoredSize, iter_checkpoint, stored_size, trim_heap
 from .config import JanusConfig, load_config
 from .errors import CheckpointError, JanusError
 from .llm import LlamaRunner, pack_projections, packed_slots
@@ -220,7 +220,8 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
     unexpected: list[str] = []
     misshaped: list[str] = []
     dropped = 0
-    for name, tensor in iter_checkpoint(folder, destination=destination, stream=stream):
+    by_rows = quantized.accepts if quantized is not None and quantized.targets is not None else None
+    for name, tensor in iter_checkpoint(folder, destination=destination, stream=stream, by_rows=by_rows):
         if quantized is not None and quantized.accepts(name):
             problem = quantized.take(name, tensor)
             if problem is not None:
@@ -262,6 +263,8 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
                               + "; ".join(problems) + ". Re-download the checkpoint or check the variant.")
     net.load_state_dict(loaded, strict=quantized is None, assign=True)
     _materialize_rope_buffers(net, config, device)
+    if stream:
+        trim_heap()  # the source tensors and quantization temporaries are gone
     logger.info("loaded %d tensors from %s (%d unused stored tensors dropped)", len(loaded), folder, dropped)
 
 

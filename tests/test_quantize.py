@@ -243,6 +243,29 @@ def test_quantized_flow_model_keeps_the_uvit_in_float():
     assert torch.isfinite(a).all() and float((a - b).norm() / b.norm()) < 0.05
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_row_blocks_read_the_same_values(monkeypatch, tmp_path, stream):
+    """Source weights are quantized from blocks of rows (a 0.8 GB lm_head is never read whole)."""
+    from janus_core import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 1000)
+    folder = tmp_path / "bin"
+    shutil.copytree(PRO_TINY, folder, ignore=shutil.ignore_patterns("golden", "*.safetensors"))
+    from safetensors.torch import load_file
+
+    whole = load_file(str(PRO_TINY / "model.safetensors"))
+    torch.save(whole, folder / "pytorch_model.bin")
+    for source in (PRO_TINY, folder):
+        seen = 0
+        for name, blocks in checkpoint.iter_checkpoint(source, stream=stream, by_rows=lambda n: n.endswith("weight")):
+            if isinstance(blocks, checkpoint.RowBlocks):
+                parts = list(blocks)
+                assert [first for first, _ in parts] == sorted({first for first, _ in parts})
+                assert torch.equal(torch.cat([block for _, block in parts]), whole[name]), name
+                seen += len(parts) > 1
+        assert seen > 10
+
+
 def test_bin_checkpoint_quantizes_like_safetensors(tmp_path):
     """.bin sources are streamed (memory-mapped, pages given back): same result as the safetensors file."""
     folder = tmp_path / "bin"

@@ -181,14 +181,15 @@ def save_quantized(source: str | Path, destination: str | Path, mode: str, *, lm
     partial.mkdir(parents=True)
     writer = _StreamWriter(partial / WEIGHTS_FILE, specs)
     try:
-        for name, tensor in iter_checkpoint(source, stream=True):
+        for name, tensor in iter_checkpoint(source, stream=True, by_rows=targets.__contains__):
             target = targets.get(name)
             if target is not None:
                 if tuple(tensor.shape) != (target.stop - target.start, target.module.in_features):
                     raise CheckpointError(f"{source}: '{name}' has shape {list(tensor.shape)}, which does not match "
                                           "config.json. Re-download the checkpoint.")
-                for key, part in zip(("qweight", "qscale"), formats.quantize(tensor, mode), strict=True):
-                    writer.write(f"{target.module_name}.{key}", part, target.start)
+                for first, block in tensor:
+                    for key, part in zip(("qweight", "qscale"), formats.quantize(block, mode), strict=True):
+                        writer.write(f"{target.module_name}.{key}", part, target.start + first)
             elif name in specs:
                 writer.write(name, tensor)
             elif not is_unused_key(name):

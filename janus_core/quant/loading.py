@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..checkpoint import RowBlocks
 from . import formats
 from .linear import QuantLinear, Target, quant_layers
 
@@ -72,8 +73,9 @@ class QuantizedLayers:
             return None
         return getattr(self._staging(self.stored_names[name]), name.rsplit(".", 1)[1])
 
-    def take(self, name: str, tensor: torch.Tensor) -> str | None:
-        """Store the tensor ``name`` (an :meth:`accepts` name); returns a description of a shape mismatch, if any.
+    def take(self, name: str, tensor: torch.Tensor | RowBlocks) -> str | None:
+        """Store the tensor ``name`` (an :meth:`accepts` name; source weights may come as :class:`RowBlocks`);
+        returns a description of a shape mismatch, if any.
 
         A layer whose rows are all in is installed at once (:meth:`_install`).
         """
@@ -84,8 +86,10 @@ class QuantizedLayers:
             if tuple(tensor.shape) != want:
                 return f"{name}: checkpoint {list(tensor.shape)} vs model {list(want)}"
             staged = self._staging(target.module_name)
-            rows = slice(target.start, target.stop)
-            formats.quantize_into(tensor, layer.mode, staged.qweight[rows], staged.qscale[rows])
+            blocks = tensor if isinstance(tensor, RowBlocks) else RowBlocks.of(tensor)
+            for first, block in blocks:
+                rows = slice(target.start + first, target.start + first + block.shape[0])
+                formats.quantize_into(block, layer.mode, staged.qweight[rows], staged.qscale[rows])
             staged.rows += target.stop - target.start
             done = staged.rows == layer.out_features
             layer_name = target.module_name
