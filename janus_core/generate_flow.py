@@ -15,6 +15,9 @@ skipped.
 
 Latent spaces: the sampler's ``z`` is in the model's own space, i.e. the SDXL-VAE latent *times* 0.13025.
 See :func:`latent_to_sdxl_vae` for what ComfyUI's ``LATENT`` holds.
+
+Image-conditioned runs (img2img, inpainting) start from an input latent instead of pure noise; the schedule rule
+and the formulas are in :func:`iter_flow_steps`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .arguments import whole_number
+from .arguments import finite_number, whole_number
 from .errors import JanusError
 from .llm import KVCache, forward_bytes, kv_cache_bytes, work_buffer_bytes
 from .memory import check_fits
@@ -38,7 +42,8 @@ from .sampling import GENERATOR_BYTES, check_guidance_weight, check_seed, row_ge
 logger = logging.getLogger(__name__)
 
 SDXL_VAE_SCALING = 0.13025
-LATENT_SIZE = 48  # 384 px / 8 (SDXL-VAE downsampling)
+VAE_DOWNSCALE = 8  # SDXL-VAE pixels per latent pixel
+LATENT_SIZE = 48  # 384 px / 8
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -91,6 +96,8 @@ class FlowStep:
 
     ``step`` is 0-based, of ``steps``; ``t [B]`` the time fed to the encoder (0..1000); ``t_emb [B, hidden]``;
     ``v_cond``/``v_uncond``/``velocity`` and ``z`` (after the step) are ``[B, 4, 48, 48]`` in model space.
+    ``t_next`` is the time (0..1) ``z`` has reached (1.0 after the last step). Inpainting runs also carry the
+    input latent ``init_latent [B, 4, 48, 48]`` and ``noise_mask [B, 1, 48, 48]`` (1 = regenerate).
     """
 
     step: int
@@ -101,18 +108,31 @@ class FlowStep:
     velocity: torch.Tensor
     z: torch.Tensor
     steps: int
+    t_next: float
+    init_latent: torch.Tensor | None = None
+    noise_mask: torch.Tensor | None = None
 
     def predicted_clean(self) -> torch.Tensor:
-        """The final latent this step's velocity points at, ``z + (1 - t_after) * velocity`` ``[B, 4, 48, 48]``.
+        """The final latent this step's velocity points at, ``z + (1 - t_next) * velocity`` ``[B, 4, 48, 48]``.
 
         Rectified flow moves in straight lines from noise (t = 0) to the image (t = 1), so this is the image
         the sampler would reach if the velocity stayed constant: a clean preview long before the last step
-        (equal to ``z`` after it).
+        (equal to ``z`` after it). With a noise mask, the kept region shows the input latent it ends at:
+        ``m * clean + (1 - m) * init_latent``.
         """
-        return self.z + (1.0 - (self.step + 1) / self.steps) * self.velocity
+        clean = self.z + (1.0 - self.t_next) * self.velocity
+        if self.noise_mask is None:
+            return clean
+        return self.noise_mask * clean + (1.0 - self.noise_mask) * self.init_latent
 
 
-def _require_flow(model: JanusModel) -> None:
+def _require_flow(model: JanusModel, img2img: bool = False) -> None:
+    if not model.is_flow and img2img:
+        raise JanusError(
+            f"init_latent (img2img from an SDXL-VAE LATENT) needs a JanusFlow model; this is a {model.variant} "
+            "model, whose images are VQ tokens. Load JanusFlow-1.3B, or start an autoregressive model from an "
+            "image with init_tokens (encode_image_tokens / Janus VQ Encode)."
+        )
     if not model.is_flow:
         raise JanusError(
             f"This is a {model.variant} model (autoregressive VQ tokens); the flow sampler needs a JanusFlow "
@@ -197,13 +217,15 @@ def _grid_positions(model: JanusModel) -> int:
     return side * side
 
 
-def flow_bytes(model: JanusModel, pair: FlowCFG, cfg_weight: float = 2.0) -> int:
+def flow_bytes(model: JanusModel, pair: FlowCFG, cfg_weight: float = 2.0, image_input: bool = False) -> int:
     """Peak bytes :func:`iter_flow_steps` allocates on the model's device for ``pair`` (beyond the weights).
 
     Held through the run: the KV cache of ``2B`` rows (``B`` when ``cfg_weight == 1``) x (prompt + 577) positions
-    and the latents. On top, the largest phase: the prompt prefill; the UViT encoder on ``B`` latents; or a step's
-    LLM inputs with either the LLM forward over 577 positions or the LLM output, its norm and the UViT decoder.
+    and the latents (``image_input``: also the input latent, its mask and the re-noised input). On top, the
+    largest phase: the prompt prefill; the UViT encoder on ``B`` latents; or a step's LLM inputs with either the
+    LLM forward over 577 positions or the LLM output, its norm and the UViT decoder.
     """
+    _require_flow(model, img2img=image_input)
     f, spec, dtype, device = model.config.flow, model.config.llm, model.dtype, model.device
     size, hidden = dtype.itemsize, spec.hidden_size
     b = pair.batch_size
@@ -212,7 +234,9 @@ def flow_bytes(model: JanusModel, pair: FlowCFG, cfg_weight: float = 2.0) -> int
     new, grid = 1 + IMAGE_TOKENS, _grid_positions(model)
     context = prompt + new
     prefill = kv_cache_bytes(spec, groups, prompt, dtype) + forward_bytes(spec, groups, prompt, prompt, dtype, device)
-    latents = 4 * b * f.latent_channels * LATENT_SIZE * LATENT_SIZE * 4  # noise, z, dt, next z (float32 at most)
+    # noise, z, dt, next z (float32 at most); with an input latent: it, the re-noised input and a blend (the mask
+    # has one channel)
+    latents = (7 if image_input else 4) * b * f.latent_channels * LATENT_SIZE * LATENT_SIZE * 4
     encoder = convnext_activation_bytes(f.enc_channels, grid, b, dtype)
     inputs = (b * grid + rows * new) * hidden * size + rows * f.enc_channels * grid * size  # tokens, x, skip
     llm = forward_bytes(spec, rows, new, context, dtype, device)
@@ -223,8 +247,9 @@ def flow_bytes(model: JanusModel, pair: FlowCFG, cfg_weight: float = 2.0) -> int
     return held + max(prefill, encoder, inputs + max(llm, decoder))
 
 
-def _check_fits(model: JanusModel, pair: FlowCFG, cfg_weight: float) -> None:
-    check_fits(model.device, flow_bytes(model, pair, cfg_weight), "JanusFlow generation", pair.batch_size)
+def _check_fits(model: JanusModel, pair: FlowCFG, cfg_weight: float, image_input: bool) -> None:
+    check_fits(model.device, flow_bytes(model, pair, cfg_weight, image_input), "JanusFlow generation",
+               pair.batch_size)
 
 
 def _check_run_args(model: JanusModel, pair: FlowCFG, z: torch.Tensor, steps: int, cfg_weight: float
@@ -242,20 +267,124 @@ def _check_run_args(model: JanusModel, pair: FlowCFG, z: torch.Tensor, steps: in
     return steps, cfg_weight
 
 
+def check_denoise(denoise: object) -> float:
+    """``denoise`` as a float in (0, 1]; NaN, infinities, 0 and values above 1 are refused."""
+    d = finite_number("denoise", denoise)
+    if not 0.0 < d <= 1.0:
+        raise JanusError(f"denoise must be in (0, 1] (1 = from pure noise, close to 0 = keep the input latent), "
+                         f"got {d}.")
+    return d
+
+
+def flow_times(steps: int, denoise: float = 1.0) -> list[float]:
+    """The ``steps + 1`` times (0..1) a run passes: ``t_k = (1 - denoise) + denoise * k / steps``, ``t_steps = 1``.
+
+    With ``denoise = 1`` these are the reference's ``k / steps`` exactly (the encoder gets ``t_k * 1000``).
+    """
+    times = [(1.0 - denoise) + denoise * k / steps for k in range(steps)]
+    return [*times, 1.0]
+
+
+def _image_latent(model: JanusModel, init_latent: object, batch: int) -> torch.Tensor:
+    """``init_latent [1 or B, C, 48, 48]`` checked, as ``[B, C, 48, 48]`` in the model's dtype and device."""
+    channels = model.config.flow.latent_channels
+    side, pixels = LATENT_SIZE, LATENT_SIZE * VAE_DOWNSCALE
+    expected = f"[{batch} or 1, {channels}, {side}, {side}]"
+    if not isinstance(init_latent, torch.Tensor) or not init_latent.is_floating_point() or init_latent.dim() != 4:
+        got = (f"{init_latent.dtype} of shape {list(init_latent.shape)}" if isinstance(init_latent, torch.Tensor)
+               else type(init_latent).__name__)
+        raise JanusError(f"init_latent must be a float tensor {expected} (the SDXL-VAE latent of a {pixels}x"
+                         f"{pixels} image in JanusFlow's space: sdxl_vae_to_latent of VAE Encode's samples), "
+                         f"got {got}.")
+    n, c, h, w = init_latent.shape
+    if c != channels:
+        raise JanusError(f"init_latent has {c} channels, JanusFlow latents have {channels}: encode the image with "
+                         f"the SDXL VAE (sdxl_vae.safetensors), not another model's VAE.")
+    if (h, w) != (side, side):
+        raise JanusError(f"init_latent is {h}x{w} (the latent of a {h * VAE_DOWNSCALE}x{w * VAE_DOWNSCALE} image); "
+                         f"JanusFlow works on {side}x{side} latents: encode a {pixels}x{pixels} image (scale or "
+                         f"crop it to {pixels}x{pixels} before VAE Encode).")
+    if n not in (1, batch):
+        raise JanusError(f"init_latent has a batch of {n}, the generation {batch} image(s): give one latent for "
+                         f"every image or one per image (or set batch_size to {n}).")
+    if not bool(torch.isfinite(init_latent).all()):
+        raise JanusError("init_latent contains NaN/infinite values; encode the image again (in float32 or "
+                         "bfloat16: the SDXL VAE overflows in float16).")
+    return init_latent.to(device=model.device, dtype=model.dtype).expand(batch, -1, -1, -1)
+
+
+def _latent_noise_mask(model: JanusModel, noise_mask: object, batch: int) -> torch.Tensor:
+    """ComfyUI's ``noise_mask`` (``[H, W]``, ``[1 or B, H, W]`` or ``[1 or B, 1, H, W]``, square, values 0..1)
+    -> ``[B, 1, 48, 48]`` in the model's dtype and device, resized bilinearly as ComfyUI does."""
+    pixels = LATENT_SIZE * VAE_DOWNSCALE
+    what = (f"noise_mask must be a tensor [H, W], [N, H, W] or [N, 1, H, W] with N = 1 or {batch}, square "
+            f"(the {pixels}x{pixels} image's mask or its {LATENT_SIZE}x{LATENT_SIZE} latent mask), values 0..1 "
+            f"(1 = regenerate)")
+    if not isinstance(noise_mask, torch.Tensor):
+        raise JanusError(f"{what}; got {type(noise_mask).__name__}.")
+    shape = list(noise_mask.shape)
+    if not 2 <= noise_mask.dim() <= 4 or (noise_mask.dim() == 4 and shape[1] != 1):
+        raise JanusError(f"{what}; got shape {shape}.")
+    mask = noise_mask.reshape(-1, 1, *shape[-2:])
+    n, _, h, w = mask.shape
+    if h != w or h == 0:
+        raise JanusError(f"{what}; got a {h}x{w} mask: scale and crop the mask like the image.")
+    if n not in (1, batch):
+        raise JanusError(f"{what}; got {n} masks for {batch} image(s).")
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+        raise JanusError(f"{what}; got {noise_mask.dtype} values.")
+    mask = mask.float()
+    if not bool(torch.isfinite(mask).all()) or float(mask.min()) < 0.0 or float(mask.max()) > 1.0:
+        raise JanusError(f"{what}; got values outside 0..1 (or NaN).")
+    if h != LATENT_SIZE:
+        mask = F.interpolate(mask, size=(LATENT_SIZE, LATENT_SIZE), mode="bilinear")
+    return mask.to(device=model.device, dtype=model.dtype).expand(batch, -1, -1, -1)
+
+
+def _renoised(init_latent: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    """The input latent re-noised to time ``t`` on the straight line: ``t * x + (1 - t) * noise``."""
+    return t * init_latent + (1.0 - t) * noise
+
+
 @torch.inference_mode()
 def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps: int = 30,
-                    cfg_weight: float = 2.0) -> Iterator[FlowStep]:
+                    cfg_weight: float = 2.0, init_latent: torch.Tensor | None = None, denoise: float = 1.0,
+                    noise_mask: torch.Tensor | None = None) -> Iterator[FlowStep]:
     """Run the Euler ODE from ``noise [B, 4, 48, 48]`` and yield a :class:`FlowStep` after every step.
 
-    The last yielded ``z`` is the final latent (model space). Arguments as :func:`generate_flow_latents`.
-    Refused with a :class:`JanusError` when :func:`flow_bytes` does not fit the device's free memory.
+    Time runs from noise (t = 0) to the image (t = 1); the encoder sees ``t * 1000``. The run takes ``steps``
+    Euler steps over ``[1 - denoise, 1]``, at the times of :func:`flow_times`:
+
+    - ``t_k = (1 - denoise) + denoise * k / steps`` (k = 0..steps; ``t_steps = 1``), step size
+      ``denoise / steps``: ``z <- z + velocity * denoise / steps``.
+    - Start: ``z = noise`` without ``init_latent`` (``denoise`` must then be 1); with it (``x``, model space),
+      ``z = t_0 * x + (1 - t_0) * noise`` -- the input re-noised to ``t_0`` on rectified flow's straight line.
+    - ``noise_mask`` ``m`` (1 = regenerate, 0 = keep; resized to 48x48): after every step the kept part is put
+      back on the input's line, ``z <- m * z + (1 - m) * (t_next * x + (1 - t_next) * noise)``, so it ends at
+      ``x`` itself after the last step (``t_steps = 1``).
+
+    Like ComfyUI's KSampler, ``steps`` counts the steps actually run: ``denoise = 0.5`` with 30 steps makes 30
+    model calls between t = 0.5 and 1, the times of the last 30 steps of a 60-step run (KSampler rounds the
+    longer schedule to ``int(steps / denoise)`` steps; here ``t_0 = 1 - denoise`` exactly). ``denoise = 1``
+    without a mask is the text-to-image run bit for bit, with or without ``init_latent``; ``denoise -> 0``
+    returns ``init_latent``. The last yielded ``z`` is the final latent (model space). Other arguments as
+    :func:`generate_flow_latents`. Refused with a :class:`JanusError` when :func:`flow_bytes` does not fit the
+    device's free memory.
     """
+    _require_flow(model, img2img=init_latent is not None)
     steps, cfg_weight = _check_run_args(model, pair, noise, steps, cfg_weight)
+    denoise = check_denoise(denoise)
+    if init_latent is None and (denoise != 1.0 or noise_mask is not None):
+        raise JanusError(f"{'denoise < 1' if noise_mask is None else 'A noise_mask'} needs an input latent "
+                         "(init_latent: the VAE-encoded image to start from); without one use denoise = 1 "
+                         "and no mask.")
+    init = None if init_latent is None else _image_latent(model, init_latent, pair.batch_size)
+    mask = None if noise_mask is None else _latent_noise_mask(model, noise_mask, pair.batch_size)
     net, runner, device, dtype = model.net, model.llm, model.device, model.dtype
     b, prefix_len = pair.batch_size, pair.prompt_len
     guided = cfg_weight != 1.0
     groups = 2 if guided else 1
-    _check_fits(model, pair, cfg_weight)
+    _check_fits(model, pair, cfg_weight, init is not None)
     # Prefill each distinct prompt row once, then hand it to every image's row.
     prefix = KVCache.allocate(runner, groups, prefix_len, with_mask=True)
     runner.forward(runner.embed(pair.group_rows[:groups, :prefix_len].to(device)), prefix,
@@ -264,10 +393,12 @@ def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps
     prefix.copy_prefix_into(cache, slice(None), torch.arange(groups, device=device).repeat_interleave(b))
     del prefix
 
-    z = noise.to(device=device, dtype=dtype)
-    dt = torch.full_like(z, 1.0 / steps)
+    noise = noise.to(device=device, dtype=dtype)
+    times = flow_times(steps, denoise)
+    z = noise if init is None else _renoised(init, noise, times[0])
+    dt = torch.full_like(z, denoise / steps)
     for step in range(steps):
-        t = torch.full((b,), step / steps * 1000.0, device=device).to(dtype)
+        t = torch.full((b,), times[step] * 1000.0, device=device).to(dtype)
         # channels-last input keeps every conv output channels-last, so the encoder's channel-wise linears
         # (on NHWC permutes) see contiguous rows instead of falling back to a batched matmul with copies
         z_emb, t_emb, _ = net.vision_gen_enc_model(z.contiguous(memory_format=torch.channels_last), t)
@@ -290,13 +421,16 @@ def iter_flow_steps(model: JanusModel, pair: FlowCFG, noise: torch.Tensor, steps
         else:
             v_cond, v_uncond = v, None
         z = z + dt * v
-        yield FlowStep(step, t, t_emb, v_cond, v_uncond, v, z, steps)
+        if mask is not None:
+            z = mask * z + (1.0 - mask) * _renoised(init, noise, times[step + 1])
+        yield FlowStep(step, t, t_emb, v_cond, v_uncond, v, z, steps, times[step + 1], init, mask)
 
 
 def generate_flow_latents(model: JanusModel, prompt: str | FlowCFG, batch_size: int | None = None,
                           seed: int = 0, steps: int = 30, cfg_weight: float = 2.0,
                           negative_prompt: str | None = None, noise: torch.Tensor | None = None,
-                          callback: StepCallback | None = None) -> torch.Tensor:
+                          callback: StepCallback | None = None, init_latent: torch.Tensor | None = None,
+                          denoise: float = 1.0, noise_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Generate final latents ``[B, 4, 48, 48]`` (model space, model dtype/device) for ``prompt``.
 
     ``prompt`` is text or a :class:`FlowCFG` (which then fixes the batch size and the negative prompt;
@@ -306,8 +440,15 @@ def generate_flow_latents(model: JanusModel, prompt: str | FlowCFG, batch_size: 
     Decode with ``vae.decode(latent_to_sdxl_vae(z))``. Image ``i`` uses seed ``seed + i`` (mod 2**64; ``seed``
     in 0..2**64 - 1). A batch that does not fit the device's free memory (:func:`flow_bytes`) is refused with a
     :class:`JanusError` before the noise is drawn.
+
+    img2img: ``init_latent [B or 1, 4, 48, 48]`` (model space: ``sdxl_vae_to_latent`` of the SDXL-VAE latent of a
+    384x384 image; one latent serves every image) is re-noised to ``t = 1 - denoise`` and the run continues from
+    there with ``steps`` steps; ``noise_mask`` (ComfyUI's: ``[H, W]``, ``[B or 1, H, W]`` or
+    ``[B or 1, 1, H, W]``, square, 1 = regenerate, resized to 48x48) keeps the rest on the input. The schedule
+    and formulas are in :func:`iter_flow_steps`. Image ``i`` still equals a batch of one with seed ``seed + i``
+    and ``init_latent[i]``.
     """
-    _require_flow(model)
+    _require_flow(model, img2img=init_latent is not None)
     seed = check_seed(seed)
     if not isinstance(prompt, str):
         _check_pair(model, prompt)
@@ -321,10 +462,10 @@ def generate_flow_latents(model: JanusModel, prompt: str | FlowCFG, batch_size: 
     else:
         pair = build_flow_cfg(model, prompt, 1 if batch_size is None else batch_size, negative_prompt)
     # the whole run before drawing the noise, so a batch that cannot run is refused before anything is allocated
-    _check_fits(model, pair, cfg_weight)
+    _check_fits(model, pair, cfg_weight, init_latent is not None)
     z = initial_noise(model, pair.batch_size, seed) if noise is None else noise
     final = None
-    for st in iter_flow_steps(model, pair, z, steps, cfg_weight):
+    for st in iter_flow_steps(model, pair, z, steps, cfg_weight, init_latent, denoise, noise_mask):
         final = st.z
         if callback is not None:
             callback(st.step + 1, steps, final)
@@ -356,6 +497,8 @@ __all__ = [
     "FlowCFG",
     "FlowStep",
     "build_flow_cfg",
+    "check_denoise",
+    "flow_times",
     "generate_flow_latents",
     "initial_noise",
     "iter_flow_steps",

@@ -1,4 +1,5 @@
-"""SDXL-VAE decoding of JanusFlow latents in plain Python (the CLI); ComfyUI decodes with its core nodes.
+"""SDXL-VAE decoding (and encoding, for img2img) of JanusFlow latents in plain Python (the CLI); ComfyUI uses its
+core VAE nodes.
 
 Uses diffusers' ``AutoencoderKL``, an optional dependency (``pip install diffusers``), imported only when a
 VAE is loaded. Run the SDXL VAE in float32 or bfloat16: the original SDXL VAE overflows in float16.
@@ -12,11 +13,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import JanusError
-from .generate_flow import SDXL_VAE_SCALING, latent_to_sdxl_vae
-from .images import images_from_decoded
+from .generate_flow import LATENT_SIZE, SDXL_VAE_SCALING, VAE_DOWNSCALE, latent_to_sdxl_vae, sdxl_vae_to_latent
+from .images import ImagesArg, images_from_decoded, to_pil_images
 
 logger = logging.getLogger(__name__)
 
@@ -115,4 +117,27 @@ def decode_latents(vae: Any, z_scaled: torch.Tensor) -> torch.Tensor:
     return images_from_decoded(vae.decode(x).sample)
 
 
-__all__ = ["DEFAULT_SDXL_VAE", "decode_latents", "load_sdxl_vae"]
+@torch.inference_mode()
+def encode_images(vae: Any, images: ImagesArg) -> torch.Tensor:
+    """384x384 images (PIL images, or an IMAGE tensor ``[B, 384, 384, 3]`` 0..1) -> JanusFlow latents
+    ``[B, 4, 48, 48]`` in model space (float32, on the VAE's device): the ``init_latent`` of img2img.
+
+    As ComfyUI's VAE Encode: pixels scaled to [-1, 1], the mean of the VAE's latent distribution (no sampling),
+    then :func:`sdxl_vae_to_latent`. Images go through :mod:`janus_core.images` (8-bit RGB, alpha over white);
+    other sizes are refused: scale or crop them to 384x384 first.
+    """
+    side = LATENT_SIZE * VAE_DOWNSCALE
+    pil = to_pil_images(images, background=(255, 255, 255))
+    sizes = sorted({im.size for im in pil} - {(side, side)})
+    if sizes:
+        raise JanusError(f"JanusFlow img2img needs {side}x{side} images, got {', '.join(f'{w}x{h}' for w, h in sizes)}"
+                         f"; scale or crop them to {side}x{side} first (e.g. PIL's ImageOps.fit(image, ({side}, "
+                         f"{side}))).")
+    ref = next(vae.parameters())
+    pixels = torch.from_numpy(np.stack([np.asarray(im) for im in pil])).permute(0, 3, 1, 2).contiguous()
+    pixels = pixels.to(device=ref.device, dtype=ref.dtype)
+    latent = vae.encode(pixels / 127.5 - 1.0).latent_dist.mode()
+    return sdxl_vae_to_latent(latent.float())
+
+
+__all__ = ["DEFAULT_SDXL_VAE", "decode_latents", "encode_images", "load_sdxl_vae"]

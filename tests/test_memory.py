@@ -293,14 +293,18 @@ def test_generation_estimate(pro):
     assert_covers(generation_bytes(pro, pair), measured)
 
 
-@pytest.mark.parametrize(("dtype", "batch", "negative", "cfg_weight"), [
-    (torch.float32, 2, "fog", 2.0), (torch.float32, 2, None, 1.0), (torch.bfloat16, 1, None, 2.0)])
-def test_flow_estimate(flow, dtype, batch, negative, cfg_weight):
+@pytest.mark.parametrize(("dtype", "batch", "negative", "cfg_weight", "image_input"), [
+    (torch.float32, 2, "fog", 2.0, False), (torch.float32, 2, None, 1.0, False), (torch.bfloat16, 1, None, 2.0, False),
+    (torch.float32, 2, None, 1.0, True), (torch.bfloat16, 2, "fog", 2.0, True)])
+def test_flow_estimate(flow, dtype, batch, negative, cfg_weight, image_input):
     model = flow if dtype == torch.float32 else load_model(FLOW_TINY, device="cpu", dtype=dtype)
     pair = build_flow_cfg(model, "a lighthouse at dusk", batch, negative)
     noise = initial_noise(model, batch, 0)
-    _, measured = peak_allocated(lambda: list(iter_flow_steps(model, pair, noise, 2, cfg_weight)))
-    assert_covers(flow_bytes(model, pair, cfg_weight), measured)
+    # img2img inpainting: an input latent per image and a pixel-resolution mask
+    image = dict(init_latent=torch.randn(batch, 4, 48, 48), denoise=0.5,
+                 noise_mask=torch.ones(batch, 1, 384, 384)) if image_input else {}
+    _, measured = peak_allocated(lambda: list(iter_flow_steps(model, pair, noise, 2, cfg_weight, **image)))
+    assert_covers(flow_bytes(model, pair, cfg_weight, image_input), measured)
 
 
 @pytest.mark.parametrize(("which", "per_image"), [("pro", True), ("flow", False)])

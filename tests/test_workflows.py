@@ -34,14 +34,19 @@ EXPECTED = {
     "janusflow_text_to_image.json": {"DSJanusModelLoader", "DSJanusPromptEncoder", "DSJanusCFGPair",
                                      "DSJanusFlowSampler", "VAELoader", "VAEDecode", "SaveImage"},
     "janus_caption_image.json": {"DSJanusModelLoader", "LoadImage", "DSJanusUnderstand", "PreviewAny"},
+    "janusflow_img2img.json": {"DSJanusModelLoader", "DSJanusPromptEncoder", "DSJanusCFGPair", "LoadImage",
+                               "ImageScale", "VAELoader", "VAEEncode", "DSJanusFlowSampler", "VAEDecode",
+                               "SaveImage"},
 }
 
 # Widget names of the core nodes we use, in widgets_values order.
 CORE_WIDGETS = {
     "SaveImage": ["filename_prefix"],
     "ImageScaleBy": ["upscale_method", "scale_by"],
+    "ImageScale": ["upscale_method", "width", "height", "crop"],
     "VAELoader": ["vae_name"],
     "VAEDecode": [],
+    "VAEEncode": [],
     "LoadImage": ["image"],  # + the upload button's value ("image")
     "PreviewAny": [],
 }
@@ -117,6 +122,37 @@ def test_widget_values_follow_input_types(path: Path, object_info):
             assert widgets["cfg_weight"][0] == 5.0 and widgets["temperature"][0] == 1.0
         if node["type"] == "DSJanusFlowSampler":
             assert widgets["steps"][0] == 30 and widgets["cfg_weight"][0] == 2.0
+            latent = next(i for i in node["inputs"] if i["name"] == "latent")
+            assert (latent["link"] is not None) == ("img2img" in path.name)
+            assert (widgets["denoise"][0] < 1.0) == ("img2img" in path.name)
+
+
+# ComfyUI's frontend (1.27) draws a sampler's live preview inside the node, below its widgets, and makes a shorter
+# node taller to fit it (widgets + 220 px): the node then grows over whatever lies below it. The workflows give
+# each sampler room for the preview (about its width) and keep every other node out of its column below its top,
+# so a preview never covers a node (tests/test_comfyui_server.py checks it in the real frontend).
+SAMPLERS = ("DSJanusARSampler", "DSJanusFlowSampler")
+SAMPLER_MIN_HEIGHT = 600
+TITLE_HEIGHT = 30  # LiteGraph draws the title above pos
+
+
+def box(node: dict) -> tuple[float, float, float, float]:
+    """``(left, top, right, bottom)`` of a node on the canvas, title included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_sampler_previews_cover_no_node(path: Path):
+    nodes = load(path)["nodes"]
+    for sampler in (n for n in nodes if n["type"] in SAMPLERS):
+        assert sampler["size"][1] >= SAMPLER_MIN_HEIGHT, f"node {sampler['id']} has no room for its preview"
+        left, top, right, _ = box(sampler)
+        for other in nodes:
+            o_left, _, o_right, o_bottom = box(other)
+            below = o_bottom > top and o_left < right and o_right > left
+            assert other is sampler or not below, f"node {other['id']} ({other['type']}) lies under the preview " \
+                                                  f"of node {sampler['id']}"
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)

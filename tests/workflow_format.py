@@ -39,6 +39,17 @@ CORE_NODES: dict[str, dict[str, Any]] = {
         "input_order": {"required": ["image", "upscale_method", "scale_by"]},
         "output": ["IMAGE"], "output_name": ["IMAGE"], "output_node": False,
     },
+    "ImageScale": {
+        "input": {"required": {
+            "image": ["IMAGE", {}],
+            "upscale_method": [["nearest-exact", "bilinear", "area", "bicubic", "lanczos"], {}],
+            "width": ["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}],
+            "height": ["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}],
+            "crop": [["disabled", "center"], {}],
+        }},
+        "input_order": {"required": ["image", "upscale_method", "width", "height", "crop"]},
+        "output": ["IMAGE"], "output_name": ["IMAGE"], "output_node": False,
+    },
     "VAELoader": {
         "input": {"required": {"vae_name": [None, {}]}},
         "input_order": {"required": ["vae_name"]},
@@ -48,6 +59,11 @@ CORE_NODES: dict[str, dict[str, Any]] = {
         "input": {"required": {"samples": ["LATENT", {}], "vae": ["VAE", {}]}},
         "input_order": {"required": ["samples", "vae"]},
         "output": ["IMAGE"], "output_name": ["IMAGE"], "output_node": False,
+    },
+    "VAEEncode": {
+        "input": {"required": {"pixels": ["IMAGE", {}], "vae": ["VAE", {}]}},
+        "input_order": {"required": ["pixels", "vae"]},
+        "output": ["LATENT"], "output_name": ["LATENT"], "output_node": False,
     },
     "LoadImage": {
         "input": {"required": {"image": [None, {"image_upload": True}]}},
