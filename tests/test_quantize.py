@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import janus_core
+from janus_core import precision
 from janus_core.errors import CheckpointError, JanusError
 from janus_core.generate_ar import PromptTokens, build_cfg_pair, cfg_logit_steps, generate_image_tokens
 from janus_core.quant import formats, kernels
@@ -116,6 +117,33 @@ def test_rows_decide_between_kernel_and_dequantize(mode, monkeypatch):
     for rows in (1, limit, limit + 1):
         matmul(torch.zeros(rows, 256, dtype=torch.bfloat16), handle)
     assert calls == [limit + 1]
+
+
+@pytest.mark.parametrize("cpu_class, rows, work", [
+    (precision.EMULATED, 64, torch.float32),  # bf16 matmuls over many rows are emulated there: float32 chunks
+    (precision.EMULATED, 2, torch.bfloat16),
+    (precision.NATIVE, 64, torch.bfloat16),
+    (precision.AMX, 64, torch.bfloat16),
+])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_dequantized_chunks_follow_the_cpu_class(mode, cpu_class, rows, work, monkeypatch):
+    handle, reference = quantized(mode, 192, 256, torch.bfloat16)
+    monkeypatch.setattr(precision, "local_cpu_class", lambda: cpu_class)
+    seen = []
+    mm = torch.mm
+
+    def recording_mm(a, b, **kw):
+        seen.append((a.dtype, b.dtype))
+        return mm(a, b, **kw)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    got = kernels._dequantized_matmul(x, handle)
+    monkeypatch.undo()
+    assert seen and set(seen) == {(work, work)}
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 192)
+    expect = x.float() @ reference.t()
+    assert float((got.float() - expect).abs().max() / expect.abs().max()) < 1e-2
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import precision
 from ..errors import JanusError
 from . import formats
 from .formats import INT4_OFFSET, int4_values
@@ -282,29 +283,36 @@ def _block_rows(w: QuantizedWeight) -> int:
 
 
 def _dequantized_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    """``x [M, K] @ w.T`` ``[M, N]`` by dequantizing ``w`` chunk by chunk into one reused buffer (never a whole
-    copy of the layer). ``w`` must be :meth:`~QuantizedWeight.readable`.
+    """``x [M, K] @ w.T`` ``[M, N]`` in ``x``'s dtype by dequantizing ``w`` chunk by chunk into one reused buffer
+    (never a whole copy of the layer). ``w`` must be :meth:`~QuantizedWeight.readable`.
 
     Up to :data:`FEW_ROWS` rows each chunk is multiplied as ``x @ chunk.T`` (2x faster than ``chunk @ x.T`` at
     8-16 rows on the CPUs measured), above as ``chunk @ x.T`` into a ``[N, M]`` result returned transposed.
+    Chunks are dequantized to float32 where :func:`janus_core.precision.matmul_form` says ``x``'s dtype has no
+    fast matmul for this many rows (bfloat16 on CPUs that emulate it).
     """
     n, k = w.shape
-    few = x.shape[0] <= FEW_ROWS
-    out = torch.empty((x.shape[0], n) if few else (n, x.shape[0]), dtype=x.dtype, device=x.device)
-    xt = x.t()
+    rows = x.shape[0]
+    few = rows <= FEW_ROWS
+    cpu_class = precision.local_cpu_class() if x.device.type == "cpu" else None
+    slow = precision.matmul_form(x.dtype, rows, x.device.type, cpu_class) == precision.FP32_CHUNKS
+    work = torch.float32 if slow else x.dtype
+    xw = x.to(work)
+    out = torch.empty((rows, n) if few else (n, rows), dtype=work, device=x.device)
     step = _block_rows(w)
-    buffer = torch.empty(min(step, n), k, dtype=x.dtype, device=x.device)
+    buffer = torch.empty(min(step, n), k, dtype=work, device=x.device)
     for first in range(0, n, step):
-        rows = slice(first, min(first + step, n))
-        chunk = w.dequantize_rows(rows, buffer[: rows.stop - first])
+        span = slice(first, min(first + step, n))
+        chunk = w.dequantize_rows(span, buffer[: span.stop - first])
         if few:
-            torch.mm(x, chunk.t(), out=out[:, rows])
+            torch.mm(xw, chunk.t(), out=out[:, span])
         else:
-            torch.mm(chunk, xt, out=out[rows])
+            torch.mm(chunk, xw.t(), out=out[span])
     if w.mode == "int8":
-        scale = w.qscale.to(x.dtype)
+        scale = w.qscale.to(work)
         out.mul_(scale if few else scale[:, None])
-    return out if few else out.t()
+    out = out if few else out.t()
+    return out.to(x.dtype) if slow else out
 
 
 def matmul(x: torch.Tensor, weight: QuantizedWeight | WeightRows) -> torch.Tensor:
