@@ -38,8 +38,9 @@ import torch
 from PIL import Image
 
 from janus_core.generate_ar import IMAGE_TOKENS, build_cfg_pair, cfg_logit_steps, generate_image_tokens
-from janus_core.llm import KVCache
+from janus_core.llm import KVCache, linear
 from janus_core.model import JanusModel, load_model, param_bytes
+from janus_core.precision import local_cpu_class
 from janus_core.quant.formats import MODES
 from janus_core.quant.linear import quantize_modules, standard_modules
 from janus_core.sampling import cfg_mix
@@ -56,20 +57,9 @@ logger = logging.getLogger("bench.quant")
 SECTIONS = ("memory", "kernels", "speed", "quality")
 PRECISIONS = ("bf16", *MODES)
 GB = 1e9
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 FORCED_STEPS = 40
 QUESTION = "Describe this image in detail."
 ANSWER_TOKENS = 32
-
-
-def cpu_flags() -> str:
-    """Which of :data:`CPU_FLAGS` the CPU has (from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = set(next(line for line in fh if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return "flags unknown"
-    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
 
 
 def computed_weight_bytes(name: str) -> dict[str, int]:
@@ -86,7 +76,7 @@ def computed_weight_bytes(name: str) -> dict[str, int]:
 
 def _load(folder: Path, precision: str) -> JanusModel:
     quantize = precision if precision in MODES else None
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    dtype = torch.float32 if precision == "fp32" else None  # bf16 / int8 / int4: the rest in the auto precision
     return load_model(folder, device="cpu", dtype=dtype, quantize=quantize)
 
 
@@ -94,12 +84,12 @@ def _load(folder: Path, precision: str) -> JanusModel:
 
 
 def probe(folder: Path, quantize: str | None) -> dict:
-    """Load ``folder`` (bf16 compute, ``quantize``) in this fresh process and report its memory."""
+    """Load ``folder`` (auto precision, ``quantize``) in this fresh process and report its memory."""
     import transformers.models.llama.modeling_llama  # noqa: F401 - imported before the baseline RSS
 
     import_rss = rss_bytes()
     start = time.perf_counter()
-    model = load_model(folder, device="cpu", dtype=torch.bfloat16, quantize=quantize)
+    model = load_model(folder, device="cpu", quantize=quantize)
     seconds = time.perf_counter() - start
     peak, loaded = _high_water_rss(), rss_bytes()
     _ours(model, build_cfg_pair(model, PROMPT, 1), 1)  # prefill and one image token
@@ -136,7 +126,7 @@ def bench_memory(args: argparse.Namespace) -> None:
             extra = r["peak_rss"] - r["import_rss"]
             rows.append([fmt, precision, r["weight_bytes"] / GB, r["import_rss"] / GB, r["peak_rss"] / GB,
                          (extra - r["weight_bytes"]) / GB, r["rss"] / GB, r["rss_after_step"] / GB, r["seconds"]])
-    print_table(f"Load in a fresh process, {name} (random bf16 checkpoint), bf16 compute",
+    print_table(f"Load in a fresh process, {name} (random bf16 checkpoint), auto precision; CPU: {local_cpu_class()}",
                 ["file", "precision", "weights GB", "RSS after imports GB", "peak RSS GB",
                  "peak - imports - weights GB", "RSS loaded GB", "RSS after 1 AR step GB", "load s"], rows)
     if not args.keep:
@@ -175,7 +165,7 @@ def bench_speed(args: argparse.Namespace, folder: Path) -> None:
                          weight_bytes_per_step(models[p]) / GB, weight_bytes_per_step(models[p]) / best / GB,
                          f"{t.clean}/{t.total}"])
     print_table(f"AR decode step, {args.model}{_cut(args.layers)}, bf16 compute, 2 CFG rows per image (fastest "
-                "step: robust when other processes share the CPU)",
+                f"step: robust when other processes share the CPU); CPU: {local_cpu_class()}",
                 ["precision", "parallel", "ms/step (median)", "speed-up", "ms/step (fastest)", "speed-up (fastest)",
                  "weights read/step GB", "GB/s (fastest)", "clean steps"], rows)
 
@@ -223,16 +213,19 @@ def bench_kernels(args: argparse.Namespace) -> None:
             for w, handles in layer:
                 x = torch.randn(rows, w.shape[1]).bfloat16()
                 candidates = {"bf16 x@W.T": lambda x=x, w=w: torch.mm(x, w.t()),
-                              "bf16 W@x.T": lambda x=x, w=w: torch.mm(w, x.t())}
+                              "bf16 W@x.T": lambda x=x, w=w: torch.mm(w, x.t()),
+                              "bf16 linear()": lambda x=x, w=w: linear(x, w)}
                 candidates |= {m: (lambda x=x, h=h: kernels.matmul(x, h)) for m, h in handles.items()}
                 for label, fn in candidates.items():
                     times[label] = times.get(label, 0.0) + _fastest_call(fn)
-            best_bf16 = min(times["bf16 x@W.T"], times["bf16 W@x.T"])
+            best_bf16 = min(times["bf16 x@W.T"], times["bf16 W@x.T"], times["bf16 linear()"])
             rows_out.append([name, rows, *(f"{t * 1e3:.2f}" for t in times.values()),
                              *(f"{best_bf16 / times[m]:.2f}" for m in MODES)])
-    print_table("One decoder layer's matmuls (joined q/k/v, o, gate/up, down), ms, fastest of 7 calls; int8 / int4 "
-                "use what janus_core.quant.kernels.matmul picks for the row count",
-                ["model", "rows", "bf16 x@W.T", "bf16 W@x.T", *MODES, *(f"{m} vs best bf16" for m in MODES)],
+    print_table("One decoder layer's matmuls (joined q/k/v, o, gate/up, down), ms, fastest of 7 calls; bf16 "
+                "linear(): the form janus_core.precision picks for this CPU class; int8 / int4: what "
+                f"janus_core.quant.kernels.matmul picks for the row count; CPU: {local_cpu_class()}",
+                ["model", "rows", "bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", *MODES,
+                 *(f"{m} vs best bf16" for m in MODES)],
                 rows_out)
 
 
@@ -339,7 +332,8 @@ def bench_quality(args: argparse.Namespace, folder: Path, label: str) -> None:
                          f"{a_same:.3f} (first diff {a_first})"])
         del model
         gc.collect()
-    print_table(f"Quality against float32, {label} (random weights: quantization noise, not image quality)",
+    print_table(f"Quality against float32, {label} (random weights: quantization noise, not image quality); CPU: "
+                f"{local_cpu_class()}",
                 ["precision", f"guided-logit rel. error ({FORCED_STEPS} forced steps)", "top-1 agreement",
                  f"greedy tokens equal ({IMAGE_TOKENS})", "first differing token",
                  f"answer-logit rel. error ({ANSWER_TOKENS} tokens)", "answer top-1", "greedy answer tokens equal"],
@@ -388,7 +382,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     start = time.time()
-    print(f"# Weight-only int8 / int4 benchmark\n\nMachine: {machine_line(args.threads)}; {cpu_flags()}. "
+    print(f"# Weight-only int8 / int4 benchmark\n\nMachine: {machine_line(args.threads)}. "
           f"Load average at start: {os.getloadavg()[0]:.2f}.")
     made = []
     if "kernels" in args.sections:
