@@ -37,16 +37,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from janus_core.generate_ar import IMAGE_TOKENS, build_cfg_pair, cfg_logit_steps, generate_image_tokens
+from janus_core.generate_ar import build_cfg_pair, cfg_logit_steps, generate_image_tokens
 from janus_core.llm import KVCache, linear
 from janus_core.model import JanusModel, load_model, param_bytes
 from janus_core.precision import local_cpu_class
+from janus_core.prompts import IMAGE_TOKENS
 from janus_core.quant.formats import MODES
 from janus_core.quant.linear import quantize_modules, standard_modules
 from janus_core.sampling import cfg_mix
 from janus_core.understanding import generate_text_ids, understanding_embeds
 
-from .ar import PROMPT, _ours, weight_bytes_per_step
+from .ar import PROMPT, time_sampler, weight_bytes_per_step
 from .load import _high_water_rss, write_random_checkpoint
 from .measure import StepClock, print_table, rss_bytes, summarize, wait_quiet
 from .models import FIXTURES, ROOT, build_meta_net, release_config
@@ -92,7 +93,7 @@ def probe(folder: Path, quantize: str | None) -> dict:
     model = load_model(folder, device="cpu", quantize=quantize)
     seconds = time.perf_counter() - start
     peak, loaded = _high_water_rss(), rss_bytes()
-    _ours(model, build_cfg_pair(model, PROMPT, 1), 1)  # prefill and one image token
+    time_sampler(model, build_cfg_pair(model, PROMPT, 1), 1)  # prefill and one image token
     return {"weight_bytes": param_bytes(model), "import_rss": import_rss, "peak_rss": peak, "rss": loaded,
             "rss_after_step": rss_bytes(), "seconds": seconds}
 
@@ -151,12 +152,12 @@ def bench_speed(args: argparse.Namespace, folder: Path) -> None:
     for parallel in args.parallel:
         pairs = {p: build_cfg_pair(m, PROMPT, parallel) for p, m in models.items()}
         for p, m in models.items():
-            _ours(m, pairs[p], 2)  # warm-up: allocator, rope tables, kernel self-check
+            time_sampler(m, pairs[p], 2)  # warm-up: allocator, rope tables, kernel self-check
         runs = {p: SpeedRun(p, parallel, []) for p in models}
         for _ in range(args.repeats):  # alternate, so slow phases of a shared machine hit every precision
             for p, m in models.items():
                 wait_quiet()
-                runs[p].clocks.append(_ours(m, pairs[p], args.steps + 1)[1])
+                runs[p].clocks.append(time_sampler(m, pairs[p], args.steps + 1)[1])
         base = summarize(runs["bf16"].clocks).median
         base_best = _fastest(runs["bf16"].clocks)
         for p, run in runs.items():
