@@ -88,9 +88,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     _source(parser)
     parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", choices=[*DTYPES, *QUANTIZED], default="auto",
-                        help="weight precision (auto: bf16, or fp16 on GPUs without bf16; int8 / int4: the language "
-                        "model and image-token head weight-only quantized, the rest auto; a quantized folder loads "
-                        "in its own precision with auto)")
+                        help="weight precision (auto: per component for the device and CPU class, see README; int8 / "
+                        "int4: the language model and image-token head weight-only quantized, the rest auto; a "
+                        "quantized folder loads in its own precision with auto)")
     parser.add_argument("--seed", type=SEED, metavar="N", default=0, help="image/answer i uses seed + i")
 
 

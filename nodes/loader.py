@@ -134,12 +134,13 @@ class DSJanusModelLoader:
                 "model": (model_choices(), {"tooltip": "Checkpoint folder (holding config.json) inside the model "
                                             "folders. '(download)' entries are downloaded into models/Janus on "
                                             "first use and resume if interrupted."}),
-                "dtype": (PRECISIONS, {"default": "auto", "tooltip": "Weight precision. auto: bf16 on GPUs that "
-                                       "support it, else fp16 (VQ decoder kept fp32); bf16 on CPU. int8 / int4: "
-                                       "the language model and image-token head quantized (weight-only; about "
-                                       "half / a third of the bf16 memory, faster at batch 1, slightly lower "
-                                       "quality), everything else as auto. A quantized folder loads in its own "
-                                       "precision with auto."}),
+                "dtype": (PRECISIONS, {"default": "auto", "tooltip": "Weight precision. auto: chosen per component "
+                                       "for the device (bf16 on GPUs and CPUs with bf16 instructions, fp16 on "
+                                       "older GPUs with the VQ decoder in fp32, fp32 convolutions on CPUs that "
+                                       "emulate bf16). int8 / int4: the language model and image-token head "
+                                       "quantized (weight-only; about 55% / 35% of the bf16 memory for 7B, "
+                                       "faster at batch 1, slightly lower quality), the rest as auto. A "
+                                       "quantized folder loads in its own precision with auto."}),
                 "variant": (VARIANT_CHOICES, {"default": "auto", "tooltip": "Prompt roles. auto detects from "
                                               "the checkpoint; force janus-1.3b (User/Assistant) or janus-pro "
                                               "(<|User|>/<|Assistant|>) for renamed or re-uploaded copies."}),
