@@ -5,7 +5,9 @@
    the VQ decode and JanusFlow's velocities.
 2. The compiled decode step (``torch.compile``, CUDA graphs on CUDA) against the eager one: the same logits on
    the tiny fixture, and ms per step of each on the real shapes.
-3. AR at parallel 1 and 16 against the restated reference loop (bench/reference.py) on the real Janus-Pro-1B
+3. Weight-only int8 / int4: which kernel passed its load-time self-check on the device (or why the
+   dequantize-then-matmul fallback serves), and the quantized tiny model's AR logits against the golden.
+4. AR at parallel 1 and 16 against the restated reference loop (bench/reference.py) on the real Janus-Pro-1B
    shapes with random weights, in the automatic precision.
 
 Prints one table; exits 1 when a check fails. Without CUDA it is a dry run on the CPU with the tiny fixtures'
@@ -31,6 +33,7 @@ from janus_core.generate_ar import PromptTokens, build_cfg_pair, cfg_logit_steps
 from janus_core.generate_flow import build_flow_cfg, iter_flow_steps
 from janus_core.model import JanusModel
 from janus_core.precision import Precision
+from janus_core.quant.kernels import kernel_for
 
 from . import measure
 from .ar import run_ar, time_sampler
@@ -48,6 +51,9 @@ FLOW_GOLDEN_STEPS, FLOW_CHECKED_STEPS, CFG_FLOW = 5, 2, 2.0
 LOGITS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 DEEP_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 COMPILED_TOLERANCE = 1e-4  # tests/test_compiled_decode.py (float32)
+# Quantized tiny model, AR logits as LOGITS_TOLERANCE measures them: ~1.5x what the CPU gives (int8 0.033-0.037,
+# int4 0.39 in fp32 / bf16: hidden size 64 makes int4 coarse). A broken kernel is off by ~1.
+QUANTIZED_LOGITS_TOLERANCE = {"int8": 0.06, "int4": 0.6}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -145,6 +151,20 @@ def parity_rows(device: torch.device, dtypes: list[torch.dtype]) -> list[Row]:
     return rows
 
 
+def quantized_rows(device: torch.device) -> list[Row]:
+    """Per mode: the kernel chosen for the device (self-checked at load) and the quantized tiny model's logits."""
+    rows = []
+    for mode, limit in QUANTIZED_LOGITS_TOLERANCE.items():
+        model = janus_core.load_model(PRO_TINY, device=device, quantize=mode)
+        compute = DTYPE_NAMES[model.dtype]
+        choice = kernel_for(model.device, mode, model.dtype)
+        rows.append(Row(f"{mode} matmul", f"{compute} on {device.type}", choice.reason, "", None))
+        error = _ar_logits_error(model)
+        rows.append(Row("AR teacher-forced logits vs golden", f"{mode} ({compute} compute)", f"{error:.2e}",
+                        f"<= {limit:.0e}", error <= limit))
+    return rows
+
+
 def _trace(model: JanusModel, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     steps = cfg_logit_steps(model, build_cfg_pair(model, "A red cube on a wooden table.", batch_size=2))
     out = [tuple(t.clone() for t in next(steps))]
@@ -221,6 +241,7 @@ def run(device: torch.device, model_name: str, layers: int | None, steps: int) -
     halves = [torch.float16] + ([torch.bfloat16] if not gpu or torch.cuda.is_bf16_supported() else [])
     rows = parity_rows(device, [torch.float32, *halves])
     rows.append(compiled_parity_row(device))
+    rows.extend(quantized_rows(device))
     if gpu:
         model, ref_model = model_pair(model_name, "auto", layers, str(device))
         label = f"{model_name}{'' if layers is None else f' ({layers} layers)'}, random weights"

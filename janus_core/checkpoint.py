@@ -12,7 +12,9 @@ one copy of the weights.
 Pickles are read with ``torch.load(weights_only=True, mmap=False)``, and only on torch >= 2.6: before
 2.6 ``weights_only`` can be bypassed by a crafted file (CVE-2025-32434). A file that needs more than plain
 tensors is refused. torch's format has no per-tensor reads, so each pickle file is read whole; its
-tensors are then handed out one at a time and dropped from the loaded dict as they go.
+tensors are then handed out one at a time and dropped from the loaded dict as they go. Callers that
+convert every tensor as it comes (quantization) stream instead: the file is memory-mapped and each
+tensor's pages are given back once it has been converted (``iter_checkpoint(stream=True)``).
 
 Only files inside the model folder are read: shard names in an index must be relative paths that stay
 inside it (no ``..``, no absolute paths or drive letters, no directory that is a symbolic link leading out).
@@ -25,8 +27,11 @@ alone, so the loader can compare it with what config.json implies before allocat
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
+import mmap
 import os
 import pickle
 import re
@@ -269,15 +274,56 @@ def _read_tensor(path: Path, fh: BinaryIO, entry: _Entry, out: torch.Tensor | No
 Destination = Callable[[str], torch.Tensor | None]
 
 
-def _iter_safetensors(path: Path, destination: Destination | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class RowBlocks:
+    """A stored tensor handed out as blocks of whole rows, each read when the iteration reaches it (about
+    :data:`CHUNK_BYTES` per block): iterating yields ``(first row, block)``. Valid until the next tensor of
+    the checkpoint is asked for."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[int, int], torch.Tensor]  # (first row, row count) -> those rows
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        row_bytes = self.dtype.itemsize
+        for d in self.shape[1:]:
+            row_bytes *= d
+        step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+        for first in range(0, self.shape[0], step):
+            yield first, self.read(first, min(step, self.shape[0] - first))
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> RowBlocks:
+        """Blocks of rows of a tensor already at hand."""
+        return cls(tuple(tensor.shape), tensor.dtype, lambda first, count: tensor[first:first + count])
+
+
+def _read_rows(path: Path, fh: BinaryIO, entry: _Entry, first: int, count: int) -> torch.Tensor:
+    """Rows ``first:first + count`` of a safetensors entry, read into a fresh tensor."""
+    rows = torch.empty((count, *entry.shape[1:]), dtype=entry.dtype)
+    if rows.numel():
+        _read_bytes(path, fh, entry, first * (rows.numel() // count) * entry.dtype.itemsize, _byte_view(rows))
+    return rows
+
+
+RowsWanted = Callable[[str], bool]
+
+
+def _iter_safetensors(path: Path, destination: Destination | None = None, by_rows: RowsWanted | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor | RowBlocks]]:
     """Tensors of a safetensors file in file-offset order, each read into a fresh tensor (no memory map)
-    or into ``destination(name)`` when that returns a tensor of its shape (see :func:`_read_tensor`)."""
+    or into ``destination(name)`` when that returns a tensor of its shape (see :func:`_read_tensor`);
+    :class:`RowBlocks` for the tensors of at least one dimension that ``by_rows(name)`` asks for."""
     if sys.byteorder != "little":
         raise CheckpointError(
             f"Cannot read {path}: safetensors files are little-endian and this machine is {sys.byteorder}-endian."
         )
     with path.open("rb") as fh:
         for entry in _read_safetensors_header(path, fh):
+            if by_rows is not None and entry.shape and by_rows(entry.name):
+                yield entry.name, RowBlocks(entry.shape, entry.dtype,
+                                            lambda first, count, e=entry: _read_rows(path, fh, e, first, count))
+                continue
             yield entry.name, _read_tensor(path, fh, entry, destination(entry.name) if destination else None)
 
 
@@ -329,15 +375,16 @@ def _unpickler_reason(exc: Exception) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
-def _iter_pickle(path: Path, destination: Destination | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a ``torch.save`` state dict, read whole, then popped and handed out one at a time.
+def _load_pickle(path: Path, mmap: bool) -> dict[str, torch.Tensor]:
+    """The state dict of the ``torch.save`` file ``path``, checked to be names -> tensors.
 
-    ``destination`` is not used: the format cannot be read into given memory.
+    ``mmap=False`` reads the whole file; ``mmap=True`` maps it (private, read-only use), so tensor data is
+    read from the file only when touched.
     """
     _require_safe_unpickler(path)
     _pickle_data_bytes(path)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except MemoryError:  # not a sign of a damaged file: let it through as it is
         raise
     except pickle.UnpicklingError as exc:
@@ -360,9 +407,69 @@ def _iter_pickle(path: Path, destination: Destination | None = None) -> Iterator
             raise CheckpointError(f"{path}: the state dict has a key {name!r:.60}, not a tensor name.")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry '{name}' is a {type(value).__name__}, not a tensor.")
+    return state
+
+
+_MADV_DONTNEED = 4
+
+
+@functools.lru_cache(maxsize=4)
+def _libc_function(name: str, argtypes: tuple) -> Callable[..., int] | None:
+    """The C library's function ``name`` on Linux (glibc, musl), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    return fn
+
+
+def _madvise() -> Callable[[int, int, int], int] | None:
+    return _libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``; a no-op elsewhere). Streaming a
+    checkpoint through conversions frees many mid-sized buffers that the allocator would otherwise keep."""
+    trim = _libc_function("malloc_trim", (ctypes.c_size_t,))
+    if trim is not None:
+        trim(0)
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Give the whole memory pages of the memory-mapped ``tensor`` back to the system (Linux; a no-op elsewhere).
+
+    The mapping is private and never written, so a page touched again is simply re-read from the file.
+    """
+    madvise = _madvise()
+    if madvise is None or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end > start:
+        madvise(start, end - start, _MADV_DONTNEED)
+
+
+def _iter_pickle(path: Path, destination: Destination | None = None, stream: bool = False,
+                 by_rows: RowsWanted | None = None) -> Iterator[tuple[str, torch.Tensor | RowBlocks]]:
+    """Tensors of a ``torch.save`` state dict, popped and handed out one at a time (:class:`RowBlocks` of
+    them where ``by_rows(name)`` asks for it).
+
+    The file is read whole, or with ``stream`` memory-mapped, each tensor's pages given back once the caller
+    asks for the next one (so the caller must have copied or converted it by then): reading then holds about
+    one tensor of the file at a time. ``destination`` is not used: the format cannot be read into given memory.
+    """
+    state = _load_pickle(path, mmap=stream)
     # Pop each tensor before yielding it: once the caller drops it, nothing here keeps it alive.
     for name in list(state):
-        yield name, state.pop(name)
+        tensor = state.pop(name)
+        blocks = by_rows is not None and tensor.dim() > 0 and by_rows(name)
+        yield name, RowBlocks.of(tensor) if blocks else tensor
+        if stream:
+            _release_pages(tensor)
 
 
 @dataclass(frozen=True)
@@ -393,8 +500,8 @@ def stored_size(folder: str | Path, skip: Callable[[str], bool] | None = None) -
     return StoredSize(elements, pickle_bytes)
 
 
-def iter_checkpoint(folder: str | Path, destination: Destination | None = None
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(folder: str | Path, destination: Destination | None = None, *, stream: bool = False,
+                    by_rows: RowsWanted | None = None) -> Iterator[tuple[str, torch.Tensor | RowBlocks]]:
     """Yield ``(name, tensor)`` for every stored tensor of the checkpoint in ``folder`` (CPU, stored dtype).
 
     ``destination(name)`` may return the tensor that should receive ``name``'s values (its final memory,
@@ -402,8 +509,28 @@ def iter_checkpoint(folder: str | Path, destination: Destination | None = None
     (converted on the way through a small bounce buffer when the dtype or device differs) and that tensor is
     yielded. For another shape or a non-contiguous tensor, and for pickles, a fresh tensor in the stored
     dtype is yielded and the caller copies.
+
+    ``stream=True`` is for callers that convert every tensor before asking for the next (quantization):
+    pickles are then memory-mapped instead of read whole, and a yielded tensor that is not a ``destination``
+    is only valid until the next one is asked for. Tensors named so that ``by_rows(name)`` is true come as
+    :class:`RowBlocks`, read a block of rows at a time (a 0.8 GB embedding table never whole in memory).
     """
     for path in weight_files(folder):
         logger.info("reading %s", path)
-        reader = _iter_safetensors if path.suffix == ".safetensors" else _iter_pickle
-        yield from reader(path, destination)
+        if path.suffix == ".safetensors":
+            yield from _iter_safetensors(path, destination, by_rows)
+        else:
+            yield from _iter_pickle(path, destination, stream, by_rows)
+
+
+def tensor_specs(folder: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``name -> (shape, dtype)`` of every stored tensor, from safetensors headers and memory-mapped pickles
+    (no tensor data is read)."""
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            with path.open("rb") as fh:
+                specs.update((e.name, (e.shape, e.dtype)) for e in _read_safetensors_header(path, fh))
+        else:
+            specs.update((n, (tuple(t.shape), t.dtype)) for n, t in _load_pickle(path, mmap=True).items())
+    return specs

@@ -3,6 +3,7 @@
   generate    text-to-image with Janus-1.3B / Janus-Pro (as the "Janus AR Token Sampler" node)
   flow        text-to-image with JanusFlow-1.3B (as the "JanusFlow ODE Sampler" node + SDXL VAE)
   understand  answer a question about one or more images (as the "Janus Image Understanding" node)
+  quantize    write an int8 / int4 copy of a checkpoint folder
 
 --model takes a checkpoint folder, a folder name under --models-dir, or a known release (deepseek-ai/Janus-Pro-1B,
 Janus-Pro-7B, Janus-1.3B, JanusFlow-1.3B, FreedomIntelligence/Janus-4o-7B), downloaded into --models-dir the first time.
@@ -28,6 +29,7 @@ from .errors import JanusError
 logger = logging.getLogger("janus_core")
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTIZED = ("int8", "int4")  # weight-only (janus_core.quant); everything else in the auto dtype
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -71,17 +73,24 @@ NON_NEGATIVE_REAL = _number(float, "a number >= 0", lambda v: v >= 0)
 PROBABILITY = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _source(parser: argparse.ArgumentParser) -> None:
+    """The options that say which checkpoint to use."""
     parser.add_argument("--model", required=True, help="checkpoint folder, or a known release such as "
                         "deepseek-ai/Janus-Pro-1B (downloaded into --models-dir when absent)")
     parser.add_argument("--models-dir", metavar="DIR", default=os.environ.get("JANUS_MODELS_DIR", "models/Janus"),
                         help="where model folders are looked up and downloaded ($JANUS_MODELS_DIR)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
-                        help="weight precision (auto: bf16, or fp16 on GPUs without bf16)")
     parser.add_argument("--variant", choices=["auto", *AR_VARIANTS], default="auto",
                         help="prompt roles: auto detects them from the checkpoint's tokenizer files; force "
                         "janus-pro (<|User|>) or janus-1.3b (User) for renamed or re-uploaded copies")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _source(parser)
+    parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
+    parser.add_argument("--dtype", choices=[*DTYPES, *QUANTIZED], default="auto",
+                        help="weight precision (auto: per component for the device and CPU class, see README; int8 / "
+                        "int4: the language model and image-token head weight-only quantized, the rest auto; a "
+                        "quantized folder loads in its own precision with auto)")
     parser.add_argument("--seed", type=SEED, metavar="N", default=0, help="image/answer i uses seed + i")
 
 
@@ -97,7 +106,7 @@ def _generation(parser: argparse.ArgumentParser, cfg_default: float) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m janus_core", description=__doc__, formatter_class=_HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,flow,understand}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,flow,understand,quantize}")
 
     def command(name: str, summary: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
@@ -128,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     und.add_argument("--temperature", type=NON_NEGATIVE_REAL, metavar="X", default=0.0, help="0 = greedy")
     und.add_argument("--top-p", type=PROBABILITY, metavar="X", default=0.95,
                      help="nucleus sampling when temperature > 0")
+
+    quant = command("quantize", "write a weight-only int8 / int4 copy of a checkpoint folder (loads without "
+                    "quantizing again)")
+    _source(quant)
+    quant.add_argument("--dtype", choices=QUANTIZED, required=True, help="int8 or int4")
+    quant.add_argument("--out", required=True, metavar="DIR", help="the new folder (must not exist)")
+    quant.add_argument("--keep-lm-head", action="store_true",
+                       help="keep lm_head (text answers) in its stored precision")
     return parser
 
 
@@ -162,7 +179,8 @@ def _load(args: argparse.Namespace):
     path = resolve_model_path(args.model, [models_dir], download_dir=models_dir)
     variant = None if args.variant == "auto" else args.variant
     refuse_unless_needed(ModelKind.of(load_config(path, variant=variant)))
-    return load_model(path, device=args.device, dtype=DTYPES[args.dtype], variant=variant)
+    quantize = args.dtype if args.dtype in QUANTIZED else None
+    return load_model(path, device=args.device, dtype=DTYPES.get(args.dtype), variant=variant, quantize=quantize)
 
 
 class _LogProgress:
@@ -265,6 +283,16 @@ def _run_understand(args: argparse.Namespace) -> list[str]:
                       per_image=not args.all_images, callback=progress)
 
 
+def _run_quantize(args: argparse.Namespace) -> Path:
+    from .hub import resolve_model_path
+    from .quant.folder import save_quantized
+
+    models_dir = Path(args.models_dir)
+    path = resolve_model_path(args.model, [models_dir], download_dir=models_dir)
+    return save_quantized(path, Path(args.out), args.dtype, lm_head=not args.keep_lm_head,
+                          variant=None if args.variant == "auto" else args.variant)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, 2 for a user error, 130 when interrupted)."""
     from .model import resolve_device
@@ -272,10 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        resolve_device(args.device)  # before any download or load
+        resolve_device(getattr(args, "device", None))  # before any download or load
         if args.command == "understand":
             for answer in _run_understand(args):
                 sys.stdout.write(answer.strip() + "\n")
+        elif args.command == "quantize":
+            sys.stdout.write(f"{_run_quantize(args)}\n")
         else:
             runner = _run_generate if args.command == "generate" else _run_flow
             for path in runner(args):

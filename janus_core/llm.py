@@ -31,6 +31,8 @@ from torch import nn
 
 from . import precision
 from .config import LlamaSpec
+from .quant.kernels import join as join_quantized
+from .quant.kernels import matmul as quantized_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +203,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scratch: Scratch
 def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None, name: str = "linear",
            cpu_class: str | None = None) -> torch.Tensor:
     """``x [..., K]`` times ``weight [N, K]`` transposed -> ``[..., N]`` in ``x``'s dtype (no bias); into
-    ``scratch[name]`` if given. ``x`` and ``weight`` share a dtype.
+    ``scratch[name]`` if given. ``x`` and ``weight`` share a dtype, or ``weight`` is weight-only quantized
+    (:func:`janus_core.quant.kernels.matmul`, which picks its own kernel and output).
 
     The form comes from :func:`janus_core.precision.matmul_form` for ``cpu_class`` (default: this machine's).
     The ``weight @ x.T`` forms return a transposed (non-contiguous) result: making it contiguous costs more
@@ -210,6 +213,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None
     rows = x.numel() // x.shape[-1]
     n = weight.shape[0]
     x2d = x.reshape(rows, x.shape[-1])
+    if not isinstance(weight, torch.Tensor):  # a weight-only quantized weight (janus_core.quant)
+        return quantized_matmul(x2d, weight).view(*x.shape[:-1], n)
     device = weight.device.type
     if device == "cpu" and cpu_class is None:
         cpu_class = precision.local_cpu_class()
@@ -289,6 +294,8 @@ def joined_weight(parts: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     parameter), in which case callers run one matmul per part.
     """
     first = parts[0]
+    if not isinstance(first, torch.Tensor):  # rows of a joined quantized layer (janus_core.quant)
+        return join_quantized(parts)
     offset = first.storage_offset()
     base = first.untyped_storage().data_ptr()
     for p in parts:

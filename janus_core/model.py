@@ -28,13 +28,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import StoredSize, iter_checkpoint, stored_size
+from .checkpoint import StoredSize, iter_checkpoint, stored_size, trim_heap
 from .config import JanusConfig, load_config
 from .errors import CheckpointError, JanusError
 from .llm import LlamaRunner, pack_projections, packed_slots
 from .modules.composite import COMPONENT_OF, JanusARNet, JanusFlowNet
 from .precision import Precision, precision_for
 from .processor import ImagePreprocessor, JanusTokenizer
+from .quant import folder as quant_folder
+from .quant.formats import check_mode
+from .quant.linear import quant_layers, quantize_modules, quantized_mode, standard_modules
+from .quant.loading import QuantizedLayers
 
 logger = logging.getLogger(__name__)
 
@@ -104,19 +108,26 @@ class JanusModel:
     """
 
     def __init__(self, net: nn.Module, config: JanusConfig, tokenizer: JanusTokenizer,
-                 image_processor: ImagePreprocessor, folder: Path, precision: Precision):
+                 image_processor: ImagePreprocessor, folder: Path, precision: Precision, *,
+                 quantize_fallback: bool = True):
         self.net = net
         self.config = config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.folder = folder
         self.precision = precision
+        self.quantize_fallback = quantize_fallback
         self.llm = LlamaRunner(net.language_model, config.llm)
 
     @property
     def dtype(self) -> torch.dtype:
-        """The language model's dtype (also the KV cache's)."""
+        """The language model's dtype (also the KV cache's, and the compute dtype of quantized layers)."""
         return self.precision.llm
+
+    @property
+    def quantization(self) -> str | None:
+        """``"int8"`` / ``"int4"`` for a weight-only quantized model (:mod:`janus_core.quant`), else None."""
+        return quantized_mode(self.net)
 
     @property
     def variant(self) -> str:
@@ -137,17 +148,23 @@ class JanusModel:
         return self
 
     def pack_projections(self) -> None:
-        """Re-join the LLM's q/k/v and gate/up weights after something moved the parameters one by one.
+        """Re-join the LLM's q/k/v and gate/up weights after something moved the parameters one by one, and lay
+        quantized weights out for the kernels of the device they are now on.
 
-        Cheap when they are still joined; ComfyUI's memory manager moves weights per parameter, so callers that
-        let it load the model call this afterwards (see :func:`janus_core.llm.pack_projections`).
+        Cheap when nothing changed; ComfyUI's memory manager moves weights per parameter, so callers that let it
+        load the model call this afterwards (see :func:`janus_core.llm.pack_projections` and
+        :meth:`janus_core.quant.linear.QuantLinear.prepare`).
         """
         packed = pack_projections(self.net.language_model)
         if packed:
             logger.debug("re-joined %d projection groups on %s", packed, self.device)
+        for name, layer in quant_layers(self.net).items():
+            layer.prepare(weight_dtype(name, self.precision), fallback=self.quantize_fallback)
 
     def __repr__(self) -> str:
-        return f"JanusModel(variant={self.variant!r}, folder='{self.folder}', device={self.device}, dtype={self.dtype})"
+        quant = f", quantization={self.quantization!r}" if self.quantization else ""
+        return (f"JanusModel(variant={self.variant!r}, folder='{self.folder}', device={self.device}, "
+                f"dtype={self.dtype}{quant})")
 
 
 def weight_dtype(name: str, precision: Precision) -> torch.dtype:
@@ -172,18 +189,26 @@ def _listing(names: list[str], sep: str = ", ", limit: int = 20) -> str:
     return sep.join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
-def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torch.device,
-                 precision: Precision) -> None:
+def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torch.device, precision: Precision,
+                 quantized: QuantizedLayers | None = None) -> None:
     """Fill the meta-device ``net`` from the checkpoint in ``folder`` (strict: every key and shape must match).
 
     Every weight is read into its final memory (dtype, device; the LLM's q/k/v and gate/up into their joined
     buffers, see :func:`janus_core.llm.packed_slots`) when the file format allows, and copied there otherwise.
+    With ``quantized``, the tensors of its layers go to it (quantized while streaming, or read from a quantized
+    folder) and the checkpoint is streamed (:func:`janus_core.checkpoint.iter_checkpoint`).
     """
     expected = {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
-    slots = packed_slots(net.language_model, "language_model.", device, precision.llm)
+    stream = quantized is not None
+    if quantized is not None:
+        for name in quantized.stored_names:
+            expected.pop(name)
+    slots = {} if stream else packed_slots(net.language_model, "language_model.", device, precision.llm)
 
     def destination(name: str) -> torch.Tensor | None:
         """The final memory of a floating-point weight (its joined buffer's slice, or a new tensor)."""
+        if quantized is not None and quantized.accepts(name):
+            return quantized.destination(name)
         if name not in slots and name in expected and expected[name][1].is_floating_point:
             slots[name] = torch.empty(expected[name][0], dtype=weight_dtype(name, precision), device=device)
         return slots.get(name)
@@ -192,7 +217,13 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
     unexpected: list[str] = []
     misshaped: list[str] = []
     dropped = 0
-    for name, tensor in iter_checkpoint(folder, destination=destination):
+    by_rows = quantized.accepts if quantized is not None and quantized.targets is not None else None
+    for name, tensor in iter_checkpoint(folder, destination=destination, stream=stream, by_rows=by_rows):
+        if quantized is not None and quantized.accepts(name):
+            problem = quantized.take(name, tensor)
+            if problem is not None:
+                misshaped.append(problem)
+            continue
         if name not in expected:
             if is_unused_key(name):
                 dropped += 1
@@ -210,8 +241,12 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
             loaded[name] = slot
             continue
         target = weight_dtype(name, precision) if tensor.is_floating_point() else tensor.dtype
-        loaded[name] = tensor.to(device=device, dtype=target)
-    missing = sorted(set(expected) - set(loaded) - {m.split(":")[0] for m in misshaped})
+        value = tensor.to(device=device, dtype=target)
+        loaded[name] = value.clone() if stream and value is tensor else value  # streamed memory is only lent
+    missing = set(expected) - set(loaded)
+    if quantized is not None:
+        missing |= set(quantized.missing())
+    missing = sorted(missing - {m.split(":")[0] for m in misshaped})
     problems = []
     if misshaped:
         problems.append("tensors with the wrong shape (config.json and weights disagree):\n  "
@@ -223,8 +258,10 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
     if problems:
         raise CheckpointError(f"The checkpoint in {folder} does not match its config.json; "
                               + "; ".join(problems) + ". Re-download the checkpoint or check the variant.")
-    net.load_state_dict(loaded, strict=True, assign=True)
+    net.load_state_dict(loaded, strict=quantized is None, assign=True)
     _materialize_rope_buffers(net, config, device)
+    if stream:
+        trim_heap()  # the source tensors and quantization temporaries are gone
     logger.info("loaded %d tensors from %s (%d unused stored tensors dropped)", len(loaded), folder, dropped)
 
 
@@ -250,13 +287,22 @@ def check_weight_count(stored: StoredSize, folder: Path, expected: int, *, exact
 
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-               variant: str | None = None, *, compute_device: torch.device | str | None = None) -> JanusModel:
+               variant: str | None = None, quantize: str | None = None, *, quantize_lm_head: bool = True,
+               quantize_fallback: bool = True, compute_device: torch.device | str | None = None) -> JanusModel:
     """Load the checkpoint folder ``path`` (config.json, tokenizer.json, weights) as a :class:`JanusModel`.
 
     ``device`` (where the weights are read to) and the precision default to the policy in this module's
     docstring; ``dtype`` forces one dtype; ``compute_device`` (default ``device``) is where the model will run,
     which the automatic precision is chosen for (ComfyUI reads weights to the CPU and runs them on a GPU).
     ``variant`` forces ``"janus-1.3b"`` or ``"janus-pro"`` prompt roles (``None`` detects the variant).
+
+    ``quantize`` ``"int8"`` / ``"int4"`` quantizes the language model's linear layers, the image-token head and
+    (``quantize_lm_head``) ``lm_head`` while the checkpoint streams in (:mod:`janus_core.quant`); the precision
+    stays that of everything else and the compute dtype of the quantized matmuls. A quantized folder
+    (:func:`janus_core.quant.folder.save_quantized`) loads in its own mode with ``quantize=None`` or the same
+    mode. ``quantize_fallback=False`` refuses a device without a working kernel instead of using the slower
+    dequantize-then-matmul path. When ``compute_device`` is not ``device``, quantized weights are laid out for
+    its kernels by :meth:`JanusModel.pack_projections` after the move.
     """
     folder = Path(path).expanduser()
     config = load_config(folder, variant=variant)
@@ -268,6 +314,8 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise JanusError(f"dtype must be a floating point torch dtype such as torch.bfloat16, got {dtype!r}.")
     precision = precision_for(compute, dtype)
+    if quantize is not None:
+        check_mode(quantize)
     if config.llm.vocab_size < tokenizer.vocab_size:
         raise CheckpointError(
             f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary has "
@@ -279,8 +327,11 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             f"vision tower of config.json takes {config.siglip.image_size}; the files belong to different "
             "models. Re-download the checkpoint."
         )
+    stored_folder = quant_folder.read_quantization(folder)
     stored = stored_size(folder, skip=is_unused_key)
-    check_weight_count(stored, folder, config.llm.parameter_count, exact=False)  # before building anything
+    llm_values = (config.llm.parameter_count if stored_folder is None else
+                  quant_folder.quantized_llm_elements(config.llm, stored_folder.mode, stored_folder.lm_head))
+    check_weight_count(stored, folder, llm_values, exact=False)  # before building anything
     try:
         with torch.device("meta"):
             net = JanusFlowNet(config) if config.is_flow else JanusARNet(config)
@@ -289,18 +340,43 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             f"{folder / 'config.json'} describes a network that cannot be built ({exc}). Fix config.json or "
             "re-download the checkpoint."
         ) from exc
-    check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
-    load_weights(net, config, folder, device, precision)
+    quantized = None
+    if stored_folder is not None or quantize is not None:
+        if stored_folder is not None:
+            quant_folder.check_folder(folder, stored_folder, net, quantize)
+            mode, names = stored_folder.mode, list(stored_folder.modules)
+        else:
+            check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
+            mode, names = quantize, standard_modules(net, quantize_lm_head)
+        targets = quantize_modules(net, mode, names)
+        if stored_folder is not None:
+            quant_folder.check_stored_dtypes(folder, quant_layers(net))
+            check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
+        quantized = QuantizedLayers(net, device, lambda name: weight_dtype(name, precision),
+                                    None if stored_folder is not None else targets,
+                                    prepare=compute == device, fallback=quantize_fallback)
+    else:
+        check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
+    load_weights(net, config, folder, device, precision, quantized)
+    if quantized is not None:
+        pack_projections(net.language_model)  # joins layers left in full precision, if any
     net.eval().requires_grad_(False)
     n_params = sum(p.numel() for p in net.parameters())
-    logger.info("%s: %s parameters on %s; precision: %s", config.variant, _readable_count(n_params), device,
-                precision.describe())
-    return JanusModel(net, config, tokenizer, image_processor, folder, precision)
+    logger.info("%s: %s parameters on %s; precision: %s%s", config.variant, _readable_count(n_params), device,
+                precision.describe(),
+                f" ({quantized_mode(net)} layers: {param_bytes_of(net) / 1e9:.2f} GB)" if quantized else "")
+    return JanusModel(net, config, tokenizer, image_processor, folder, precision,
+                      quantize_fallback=quantize_fallback)
+
+
+def param_bytes_of(net: nn.Module) -> int:
+    """Bytes held by the parameters of ``net`` (quantized ones at their packed size)."""
+    return sum(p.numel() * p.element_size() for p in net.parameters())
 
 
 def param_bytes(model: JanusModel) -> int:
-    """Bytes held by the model's parameters."""
-    return sum(p.numel() * p.element_size() for p in model.net.parameters())
+    """Bytes held by the model's parameters (quantized ones at their packed size)."""
+    return param_bytes_of(model.net)
 
 
 __all__ = ["JanusModel", "load_model", "default_device", "param_bytes", "resolve_device", "weight_dtype"]

@@ -103,7 +103,7 @@ def test_every_subcommand_help_shows_its_defaults():
     top = cli.build_parser()
     assert "``" not in top.format_help()
     subcommands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert sorted(subcommands) == ["flow", "generate", "understand"]
+    assert sorted(subcommands) == ["flow", "generate", "quantize", "understand"]
     for name, sub in subcommands.items():
         assert "``" not in sub.format_help()
         for action in sub._actions:

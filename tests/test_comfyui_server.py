@@ -301,6 +301,34 @@ def test_unload_models_then_model_comes_back(server):
     assert result.executed_nodes() == set(prompt)
 
 
+def _loaded_megabytes(server) -> float:
+    """What ComfyUI's memory manager counted for the last model it loaded (its "loaded completely" log line)."""
+    line = [t for t in server.log_text().splitlines() if "loaded completely" in t][-1]
+    return float(line.split("loaded completely", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_model_runs_is_sized_and_survives_unload(server, precision):
+    """A quantized load runs the text-to-image workflow, ComfyUI sizes it at its quantized bytes, and after
+    'Unload models' (weights moved away and back by ComfyUI) the same seed gives the same image."""
+    path = REPO / "workflows" / "janus_pro_text_to_image.json"
+    full = api_prompt(server, path, batch_size=1)
+    assert_success(server, server.run(full))
+    full_mb = _loaded_megabytes(server)
+    prompt = api_prompt(server, path, batch_size=1, DSJanusModelLoader={"dtype": precision})
+    first = server.run(prompt)
+    assert_success(server, first)
+    assert _loaded_megabytes(server) < 0.9 * full_mb
+    before = saved_pixels(server, first, prompt)
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    time.sleep(1.5)
+    again = server.run(prompt)
+    assert_success(server, again)
+    assert again.executed_nodes() == set(prompt)
+    after = saved_pixels(server, again, prompt)
+    assert len(before) == len(after) == 1 and (before[0] == after[0]).all()
+
+
 def test_interrupt_stops_sampling_and_leaves_no_broken_cache(server):
     path = REPO / "workflows" / "janusflow_text_to_image.json"
     prompt = api_prompt(server, path, batch_size=1, DSJanusFlowSampler={"steps": 200, "seed": 7})

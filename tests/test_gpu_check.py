@@ -14,14 +14,16 @@ def test_dry_run_on_the_cpu(monkeypatch, capsys):
     assert gpu_check.main(["--device", "cpu", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "DRY RUN ON THE CPU: no GPU was measured" in out and "No GPU was measured" in out
-    checks = [line for line in out.splitlines() if line.startswith("| ") and "check" not in line]
+    checks = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| check ")]
     names = [line.split("|")[1].strip() for line in checks]
     for dtype in ("fp32", "fp16", "bf16"):
         assert sum(line.split("|")[2].strip().startswith(dtype) for line in checks if "vs golden" in line) == 3
     assert names.count("compiled decode step vs eager") == 1
     assert names.count("decode step, compiled vs eager") == 1
     assert names.count("AR vs reference loop") == 2  # parallel 1 and 16
-    assert "FAIL" not in out and out.count("| pass ") == 10
+    assert names.count("int8 matmul") == names.count("int4 matmul") == 1
+    assert sum(line.split("|")[2].strip().startswith(("int8", "int4")) for line in checks if "vs golden" in line) == 2
+    assert "FAIL" not in out and out.count("| pass ") == 12
 
 
 def test_a_failed_check_fails_the_run(monkeypatch, capsys):

@@ -1,0 +1,473 @@
+"""Weight-only int8 / int4: number formats, kernels against the fallback, quantized tiny models against the goldens,
+quantized folders, and the combinations that are refused."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import janus_core
+from janus_core import precision
+from janus_core.errors import CheckpointError, JanusError
+from janus_core.generate_ar import PromptTokens, build_cfg_pair, cfg_logit_steps, generate_image_tokens
+from janus_core.quant import formats, kernels
+from janus_core.quant.folder import QUANT_FILE, read_quantization, save_quantized
+from janus_core.quant.kernels import CPU_INT4, PLAIN, TILED_INT4, QuantizedWeight, kernel_for, matmul, pack
+from janus_core.quant.linear import QuantLinear, quant_layers
+from janus_core.sampling import cfg_mix
+from tests.conftest import FLOW_TINY, PRO_TINY, golden
+
+CPU = torch.device("cpu")
+
+
+def random_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernel_choices():
+    """Each test sees the kernel decision made afresh (tests below fake broken or missing kernels)."""
+    kernels._CHOICES.clear()
+    yield
+    kernels._CHOICES.clear()
+
+
+# --- formats ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_round_trip_error_is_at_most_half_a_step(mode):
+    w = random_weight(96, 256)
+    w[0] = 0.0  # a constant row / group must come back exactly
+    w[1, :128] = 0.37
+    qweight, qscale = formats.quantize(w, mode)
+    back = formats.dequantize(qweight, qscale, mode)
+    if mode == "int8":
+        step = qscale.float()[:, None].expand_as(w)
+        assert qweight.dtype == torch.int8 and qweight.abs().max() <= 127
+    else:
+        group = formats.int4_group_size(256)
+        step = qscale[..., 0].float().repeat_interleave(group, dim=1)
+        assert qweight.shape == (96, 128) and qweight.dtype == torch.uint8
+    assert torch.all((back - w).abs() <= 0.5 * step * 1.02 + 1e-7)
+    assert torch.equal(back[0], w[0])
+    assert torch.allclose(back[1, :128], w[1, :128], rtol=1e-2)
+    relative = float((back - w).norm() / w.norm())
+    assert relative < (0.01 if mode == "int8" else 0.11)  # measured: 0.0074 / 0.0997 on normal weights
+
+
+def test_int4_group_size_follows_in_features():
+    assert [formats.int4_group_size(k) for k in (4096, 11008, 96, 64, 32)] == [128, 128, 32, 64, 32]
+    with pytest.raises(JanusError, match="multiple of 32"):
+        formats.int4_group_size(48)
+
+
+def test_stored_sizes():
+    assert formats.stored_bytes("int8", 4096, 11008) == 4096 * 11008 + 4096 * 2
+    assert formats.stored_bytes("int4", 4096, 11008) == 4096 * 11008 // 2 + 4096 * 86 * 2 * 2
+    assert formats.stored_elements("int4", 64, 256) == 64 * 128 + 64 * 2 * 2
+
+
+def test_quantize_does_not_touch_its_input():
+    w = random_weight(8, 64)
+    before = w.clone()
+    formats.quantize(w, "int8")
+    assert torch.equal(w, before)
+
+
+# --- kernels ---------------------------------------------------------------------------------------------------
+
+
+def quantized(mode: str, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[QuantizedWeight, torch.Tensor]:
+    """A weight laid out for the kernel chosen on the CPU for ``dtype``, and its dequantized float32 value."""
+    w = random_weight(n, k, seed)
+    qweight, qscale = formats.quantize(w, mode)
+    choice = kernel_for(CPU, mode, dtype)
+    packed, scales = pack(qweight, qscale, mode, choice.layout, dtype)
+    handle = QuantizedWeight(packed, scales, mode, choice.layout, choice.kernel, formats.group_size(mode, k), (n, k))
+    return handle, formats.dequantize(qweight, qscale, mode)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 2, 8, 20, 65, 300])
+def test_kernel_and_dequantized_path_equal_the_reference(mode, rows):
+    """bf16 on the CPU: the kernel serves few rows, dequantize-then-matmul many; both equal x @ dequantized.T."""
+    handle, reference = quantized(mode, 192, 256, torch.bfloat16)
+    assert handle.kernel is not None  # this torch has both CPU kernels
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    got = matmul(x, handle).float()
+    expect = x.float() @ reference.t()
+    assert got.shape == (rows, 192)
+    assert float((got - expect).abs().max() / expect.abs().max()) < 1.5e-2
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_rows_decide_between_kernel_and_dequantize(mode, monkeypatch):
+    handle, _ = quantized(mode, 192, 256, torch.bfloat16)
+    assert "cpu" in handle.kernel.device_types
+    calls = []
+
+    def dequantized(x, w):
+        calls.append(x.shape[0])
+        return x.new_zeros(x.shape[0], 192)
+
+    monkeypatch.setattr(kernels, "_dequantized_matmul", dequantized)
+    limit = handle.kernel.max_rows
+    for rows in (1, limit, limit + 1):
+        matmul(torch.zeros(rows, 256, dtype=torch.bfloat16), handle)
+    assert calls == [limit + 1]
+
+
+@pytest.mark.parametrize("cpu_class, rows, work", [
+    (precision.EMULATED, 64, torch.float32),  # bf16 matmuls over many rows are emulated there: float32 chunks
+    (precision.EMULATED, 2, torch.bfloat16),
+    (precision.NATIVE, 64, torch.bfloat16),
+    (precision.AMX, 64, torch.bfloat16),
+])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_dequantized_chunks_follow_the_cpu_class(mode, cpu_class, rows, work, monkeypatch):
+    handle, reference = quantized(mode, 192, 256, torch.bfloat16)
+    monkeypatch.setattr(precision, "local_cpu_class", lambda: cpu_class)
+    seen = []
+    mm = torch.mm
+
+    def recording_mm(a, b, **kw):
+        seen.append((a.dtype, b.dtype))
+        return mm(a, b, **kw)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    got = kernels._dequantized_matmul(x, handle)
+    monkeypatch.undo()
+    assert seen and set(seen) == {(work, work)}
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 192)
+    expect = x.float() @ reference.t()
+    assert float((got.float() - expect).abs().max() / expect.abs().max()) < 1e-2
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_kernel_equals_fallback(mode):
+    handle, _ = quantized(mode, 192, 256, torch.bfloat16)
+    kernel = handle.kernel
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    via_kernel = kernel.run(x, handle.qweight, handle.qscale, handle.group).float()
+    via_fallback = kernels._dequantized_matmul(x, handle).float()
+    assert float((via_kernel - via_fallback).abs().max() / via_fallback.abs().max()) < 1.5e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float32_and_float16_dequantize_exactly(dtype):
+    handle, reference = quantized("int4", 64, 128, dtype)
+    assert handle.layout == PLAIN and handle.kernel is None
+    x = torch.randn(3, 128, dtype=torch.float64).to(dtype)
+    got = matmul(x, handle)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), (x.float() @ reference.t()), rtol=2e-3 if dtype == torch.float16 else 1e-5,
+                               atol=1e-3 if dtype == torch.float16 else 1e-6)
+
+
+def test_cpu_int4_layout_is_recognised_and_checked():
+    blocks = kernels.cpu_int4_blocks()
+    assert blocks is not None and 192 % blocks[0] == 0 and sorted(blocks[1]) == list(range(blocks[0]))
+    values = torch.randint(0, 16, (2 * blocks[0], 64), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
+    assert torch.equal(kernels._unpack_blocks(packed, blocks, slice(0, 2 * blocks[0]), 64).int(), values)
+
+
+def test_unrecognised_cpu_int4_layout_uses_the_kernel_for_many_rows(monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_int4_blocks", lambda: None)
+    handle, reference = quantized("int4", 192, 256, torch.bfloat16)
+    assert handle.layout == CPU_INT4
+    x = torch.randn(200, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    expect = x.float() @ reference.t()
+    assert float((matmul(x, handle).float() - expect).abs().max() / expect.abs().max()) < 1.5e-2
+
+
+def test_failing_self_check_falls_back_or_refuses(monkeypatch, caplog):
+    real = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def wrong(x, packed, group, scale_zeros):
+        return real(x, packed, group, scale_zeros) * 1.5
+
+    monkeypatch.setattr(kernels, "_aten", lambda name: wrong if name == "_weight_int4pack_mm_for_cpu"
+                        else getattr(torch.ops.aten, name, None))
+    choice = kernel_for(CPU, "int4", torch.bfloat16)
+    assert choice.kernel is None and choice.fallback and "self-check" in choice.reason
+    assert "failed its self-check" in caplog.text
+    with pytest.raises(JanusError, match="No working int4 kernel on cpu.*fallback"):
+        kernel_for(CPU, "int4", torch.bfloat16, fallback=False)
+
+
+def test_device_without_kernel_and_no_fallback_is_refused(monkeypatch):
+    """int4 on a device whose torch lacks the kernel: the fallback serves, unless it is not allowed."""
+    monkeypatch.setattr(kernels, "_aten", lambda name: None if "int4" in name else getattr(torch.ops.aten, name))
+    with pytest.raises(JanusError, match="No working int4 kernel on cpu.*not in this torch"):
+        janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int4", quantize_fallback=False)
+    kernels._CHOICES.clear()
+    model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int4")
+    assert {m.layout for m in quant_layers(model.net).values()} == {PLAIN}
+    assert generate_image_tokens(model, "a cat", top_k=1).shape == (1, 576)
+
+
+# --- quantized models ------------------------------------------------------------------------------------------
+
+
+def teacher_forced_cfg_logits(model) -> torch.Tensor:
+    """Guided logits ``[40, 2, V]`` at the golden's teacher-forced steps (prompt 0, two images, cfg 5)."""
+    g = golden(PRO_TINY, "ar_teacher_forced")
+    pair = build_cfg_pair(model, PromptTokens("", "", g["input_ids"], model.variant, str(model.folder)), 2)
+    steps = cfg_logit_steps(model, pair)
+    _, out = next(steps)
+    logits = []
+    forced = g["forced_tokens"]
+    for s in range(forced.shape[1]):
+        logits.append(cfg_mix(out[:2].float(), out[2:].float(), 5.0))
+        if s + 1 < forced.shape[1]:
+            _, out = steps.send(forced[:, s])
+    steps.close()
+    return torch.stack(logits)
+
+
+# Measured on janus-pro-tiny in float32 (relative L2 error of the guided logits per step, mean; top-1 agreement):
+# int8 0.022 / 0.94, int4 0.30 / 0.43 (hidden size 64, random weights, cfg 5 amplifies every error by ~5x).
+@pytest.mark.parametrize(("mode", "max_error", "min_top1"), [("int8", 0.05, 0.85), ("int4", 0.4, 0.3)])
+def test_quantized_tiny_model_stays_near_the_golden(mode, max_error, min_top1):
+    model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.float32, quantize=mode)
+    assert model.quantization == mode
+    got = teacher_forced_cfg_logits(model)
+    expect = golden(PRO_TINY, "ar_teacher_forced")["cfg_logits"].float()
+    error = float(((got - expect).norm(dim=-1) / expect.norm(dim=-1)).mean())
+    assert error < max_error
+    assert float((got.argmax(-1) == expect.argmax(-1)).float().mean()) >= min_top1
+
+
+def test_which_layers_are_quantized():
+    model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int4")
+    layers = quant_layers(model.net)
+    assert set(layers) == {f"language_model.model.layers.{i}.{n}" for i in range(2) for n in
+                           ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")} | {
+        "language_model.lm_head", "gen_head.output_mlp_projector", "gen_head.vision_head"}
+    floats = {n.rsplit(".", 1)[0].split(".")[0] for n, p in model.net.named_parameters() if p.is_floating_point()}
+    assert {"vision_model", "gen_vision_model", "aligner", "gen_aligner", "gen_embed"} <= floats
+    assert model.net.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    # joined layers hold q/k/v and gate/up; the runner re-joins the placeholder parts into one matmul
+    attn = model.net.language_model.model.layers[0].self_attn
+    assert attn.qkv_proj.parts == (64, 32, 32) and attn.q_proj.weight.shape == (64, 64)
+    weights = janus_core.llm.LayerWeights.of(model.net.language_model.model.layers[0])
+    assert weights.qkv is not None and weights.gate_up is not None
+    no_lm_head = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int8",
+                                       quantize_lm_head=False)
+    assert no_lm_head.net.language_model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_state_dict_reports_the_quantized_size():
+    """ComfyUI sizes a model from its state dict (comfy.model_management.module_size): the packed bytes."""
+    full = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16)
+    int4 = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int4")
+
+    def size(net):
+        return sum(t.numel() * t.element_size() for t in net.state_dict().values())
+
+    layers = quant_layers(int4.net).values()
+    quantized = sum(formats.stored_bytes("int4", m.out_features, m.in_features) for m in layers)
+    full_size = sum(m.out_features * m.in_features * 2 for m in layers)
+    assert size(int4.net) == size(full.net) - full_size + quantized
+
+
+def test_quantized_flow_model_keeps_the_uvit_in_float():
+    model = janus_core.load_model(FLOW_TINY, device="cpu", dtype=torch.float32, quantize="int8")
+    names = set(quant_layers(model.net))
+    assert names and all(n.startswith("language_model.") for n in names)
+    for part in ("vision_gen_enc_model", "vision_gen_dec_model", "vision_und_enc_model"):
+        assert all(p.dtype == torch.float32 for p in getattr(model.net, part).parameters())
+    reference = janus_core.load_model(FLOW_TINY, device="cpu", dtype=torch.float32)
+    a = janus_core.generate_flow_latents(model, "a cat", steps=2, seed=3)
+    b = janus_core.generate_flow_latents(reference, "a cat", steps=2, seed=3)
+    assert torch.isfinite(a).all() and float((a - b).norm() / b.norm()) < 0.05
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_row_blocks_read_the_same_values(monkeypatch, tmp_path, stream):
+    """Source weights are quantized from blocks of rows (a 0.8 GB lm_head is never read whole)."""
+    from janus_core import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 1000)
+    folder = tmp_path / "bin"
+    shutil.copytree(PRO_TINY, folder, ignore=shutil.ignore_patterns("golden", "*.safetensors"))
+    from safetensors.torch import load_file
+
+    whole = load_file(str(PRO_TINY / "model.safetensors"))
+    torch.save(whole, folder / "pytorch_model.bin")
+    for source in (PRO_TINY, folder):
+        seen = 0
+        for name, blocks in checkpoint.iter_checkpoint(source, stream=stream, by_rows=lambda n: n.endswith("weight")):
+            if isinstance(blocks, checkpoint.RowBlocks):
+                parts = list(blocks)
+                assert [first for first, _ in parts] == sorted({first for first, _ in parts})
+                assert torch.equal(torch.cat([block for _, block in parts]), whole[name]), name
+                seen += len(parts) > 1
+        assert seen > 10
+
+
+def test_bin_checkpoint_quantizes_like_safetensors(tmp_path):
+    """.bin sources are streamed (memory-mapped, pages given back): same result as the safetensors file."""
+    folder = tmp_path / "bin"
+    shutil.copytree(PRO_TINY, folder, ignore=shutil.ignore_patterns("golden", "*.safetensors"))
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(PRO_TINY / "model.safetensors")), folder / "pytorch_model.bin")
+    a = janus_core.load_model(folder, device="cpu", dtype=torch.float32, quantize="int4").net.state_dict()
+    b = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.float32, quantize="int4").net.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weights_stay_canonical_until_they_reach_their_compute_device():
+    model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int4",
+                                  compute_device="meta")
+    assert {m.layout for m in quant_layers(model.net).values()} == {PLAIN}
+    with torch.inference_mode():  # ComfyUI runs nodes, and so the handle's ready(), in inference mode
+        model.pack_projections()  # what the ComfyUI handle does after moving the weights
+        tokens = generate_image_tokens(model, "a cat", top_k=1)
+    assert CPU_INT4 in {m.layout for m in quant_layers(model.net).values()}
+    direct = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int4")
+    assert torch.equal(tokens, generate_image_tokens(direct, "a cat", top_k=1))
+
+
+def test_weights_packed_for_another_device_are_refused():
+    model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int4")
+    layer: QuantLinear = model.net.language_model.model.layers[0].mlp.gate_up_proj
+    layer.layout = TILED_INT4  # as if packed on a GPU and moved here
+    with pytest.raises(CheckpointError, match="packed for the tiled-int4 kernel"):
+        model.pack_projections()
+
+
+# --- quantized folders -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int4_folder(tmp_path_factory):
+    return save_quantized(PRO_TINY, tmp_path_factory.mktemp("quant") / "janus-pro-tiny-int4", "int4")
+
+
+def test_saved_folder_reloads_identically(int4_folder):
+    assert read_quantization(int4_folder).mode == "int4"
+    assert not (int4_folder.parent / (int4_folder.name + ".partial")).exists()
+    direct = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.float32, quantize="int4")
+    saved = janus_core.load_model(int4_folder, device="cpu", dtype=torch.float32)
+    again = janus_core.load_model(int4_folder, device="cpu", dtype=torch.float32, quantize="int4")
+    a, b = direct.net.state_dict(), saved.net.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.quantization == "int4"
+    assert torch.equal(teacher_forced_cfg_logits(direct), teacher_forced_cfg_logits(saved))
+
+
+def test_saving_refuses_existing_and_quantized_folders(int4_folder, tmp_path):
+    with pytest.raises(JanusError, match="already exists"):
+        save_quantized(PRO_TINY, int4_folder, "int4")
+    with pytest.raises(JanusError, match="already a quantized folder"):
+        save_quantized(int4_folder, tmp_path / "twice", "int8")
+
+
+def test_quantized_folder_with_another_option_is_refused(int4_folder):
+    with pytest.raises(JanusError, match="holds int4 weights.*cannot be loaded as int8"):
+        janus_core.load_model(int4_folder, device="cpu", quantize="int8")
+
+
+def doctored(folder, tmp_path, edit_record=None, edit_tensors=None):
+    """A copy of the quantized ``folder`` with its janus_quantization.json / tensors edited."""
+    copy = tmp_path / "doctored"
+    shutil.copytree(folder, copy)
+    if edit_record is not None:
+        record = json.loads((copy / QUANT_FILE).read_text())
+        edit_record(record)
+        (copy / QUANT_FILE).write_text(json.dumps(record))
+    if edit_tensors is not None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(copy / "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(copy / "model.safetensors"))
+    return copy
+
+
+def test_quantizing_the_uvit_is_refused(tmp_path):
+    folder = save_quantized(FLOW_TINY, tmp_path / "flow-int8", "int8")
+    copy = doctored(folder, tmp_path, lambda r: r["modules"].append("vision_gen_dec_model.blocks.0.attn.qkv"))
+    with pytest.raises(CheckpointError, match="JanusFlow's UViT, which is never quantized"):
+        janus_core.load_model(copy, device="cpu")
+
+
+@pytest.mark.parametrize(("edit", "phrase"), [
+    (lambda r: r.update(mode="int3"), "mode is 'int3'"),
+    (lambda r: r.update(version=7), "version 7 of the quantized format"),
+    (lambda r: r.update(modules=["language_model.model.embed_tokens"]), "not one of the layers"),
+])
+def test_bad_quantization_record_is_refused(int4_folder, tmp_path, edit, phrase):
+    with pytest.raises(CheckpointError, match=phrase):
+        janus_core.load_model(doctored(int4_folder, tmp_path, edit), device="cpu")
+
+
+def test_quantized_tensors_of_the_wrong_dtype_or_count_are_refused(int4_folder, tmp_path):
+    name = "language_model.model.layers.0.mlp.down_proj.qweight"
+
+    def to_int8(t):
+        t[name] = t[name].to(torch.int8)
+
+    with pytest.raises(CheckpointError, match="down_proj.qweight' is int8, not uint8"):
+        janus_core.load_model(doctored(int4_folder, tmp_path / "a", edit_tensors=to_int8), device="cpu")
+
+    def drop_layer(t):
+        for key in [k for k in t if k.startswith("language_model.model.layers.1.")]:
+            del t[key]
+
+    with pytest.raises(CheckpointError, match="10 missing tensor.*layers.1.mlp.down_proj.qscale"):
+        janus_core.load_model(doctored(int4_folder, tmp_path / "b", edit_tensors=drop_layer), device="cpu")
+
+
+def test_weight_count_check_knows_quantized_layouts(int4_folder, tmp_path):
+    """config.json's weight count is compared with the files in the quantized layout (hardening of #11)."""
+    from janus_core.quant.folder import quantized_llm_elements
+
+    model = janus_core.load_model(int4_folder, device="cpu")
+    llm = model.net.language_model.state_dict()
+    assert quantized_llm_elements(model.config.llm, "int4", lm_head=True) == sum(t.numel() for t in llm.values())
+    copy = doctored(int4_folder, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    config["language_config"]["num_hidden_layers"] = 8
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="describes a model of .* weights but the weight files"):
+        janus_core.load_model(copy, device="cpu")
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(JanusError, match="Unknown quantization 'int2'"):
+        janus_core.load_model(PRO_TINY, device="cpu", quantize="int2")
+
+
+# --- node and command line -------------------------------------------------------------------------------------
+
+
+def test_loader_node_offers_int8_and_int4_after_the_old_choices():
+    from nodes.loader import DSJanusModelLoader
+    from tests.conftest import node_model
+
+    choices = DSJanusModelLoader.INPUT_TYPES()["required"]["dtype"][0]
+    assert choices == ["auto", "bf16", "fp16", "fp32", "int8", "int4"]  # old workflows' values stay valid
+    handle = node_model(PRO_TINY, dtype="int8")
+    assert handle.model.quantization == "int8" and handle.model.dtype == torch.bfloat16  # auto on the CPU
+    assert handle.ready().quantization == "int8"
+
+
+def test_command_line_quantizes_and_loads(tmp_path, capsys, caplog):
+    from janus_core.cli import main
+
+    out = tmp_path / "int8"
+    assert main(["quantize", "--model", str(PRO_TINY), "--dtype", "int8", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and read_quantization(out).mode == "int8"
+    assert main(["generate", "--model", str(out), "--prompt", "a cat", "--top-k", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "images")]) == 0
+    assert (tmp_path / "images" / "janus_0.png").is_file()
+    assert main(["generate", "--model", str(out), "--prompt", "a cat", "--dtype", "int4", "--device", "cpu",
+                 "--out", str(tmp_path / "images")]) == 2
+    assert "holds int8 weights" in caplog.text
