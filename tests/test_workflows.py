@@ -230,7 +230,7 @@ def _node(wf: dict, ntype: str) -> dict:
     (lambda wf: _node(wf, "DSJanusARSampler")["widgets_values"].pop(1), "widget values"),
     (lambda wf: _node(wf, "DSJanusARSampler")["widgets_values"].__setitem__(2, 99.0), "outside"),
     (lambda wf: _node(wf, "DSJanusCFGPair")["widgets_values"].__setitem__(0, 0), "outside"),
-    (lambda wf: _node(wf, "DSJanusModelLoader")["widgets_values"].__setitem__(1, "int8"), "not in"),
+    (lambda wf: _node(wf, "DSJanusModelLoader")["widgets_values"].__setitem__(1, "int3"), "not in"),
     (lambda wf: _node(wf, "DSJanusModelLoader")["widgets_values"].__setitem__(0, "nowhere"), "not in"),
     (lambda wf: _node(wf, "DSJanusARSampler")["widgets_values"].__setitem__(1, "sometimes"), "control"),
     (lambda wf: wf["links"][0].__setitem__(5, "IMAGE"), "type"),
