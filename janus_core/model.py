@@ -340,23 +340,18 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             f"{folder / 'config.json'} describes a network that cannot be built ({exc}). Fix config.json or "
             "re-download the checkpoint."
         ) from exc
+    if stored_folder is not None:  # the net as the folder stores it: its layers already quantized
+        quant_folder.check_folder(folder, stored_folder, net, quantize)
+        quantize_modules(net, stored_folder.mode, list(stored_folder.modules))
+        quant_folder.check_stored_dtypes(folder, quant_layers(net))
+    check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
     quantized = None
     if stored_folder is not None or quantize is not None:
-        if stored_folder is not None:
-            quant_folder.check_folder(folder, stored_folder, net, quantize)
-            mode, names = stored_folder.mode, list(stored_folder.modules)
-        else:
-            check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
-            mode, names = quantize, standard_modules(net, quantize_lm_head)
-        targets = quantize_modules(net, mode, names)
-        if stored_folder is not None:
-            quant_folder.check_stored_dtypes(folder, quant_layers(net))
-            check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
-        quantized = QuantizedLayers(net, device, lambda name: weight_dtype(name, precision),
-                                    None if stored_folder is not None else targets,
+        # targets: the layers to quantize while the checkpoint streams in (None: the folder's are quantized)
+        targets = (None if stored_folder is not None else
+                   quantize_modules(net, quantize, standard_modules(net, quantize_lm_head)))
+        quantized = QuantizedLayers(net, device, lambda name: weight_dtype(name, precision), targets,
                                     prepare=compute == device, fallback=quantize_fallback)
-    else:
-        check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
     load_weights(net, config, folder, device, precision, quantized)
     if quantized is not None:
         pack_projections(net.language_model)  # joins layers left in full precision, if any
