@@ -69,7 +69,7 @@ def computed_weight_bytes(name: str) -> dict[str, int]:
     for precision in PRECISIONS:
         net = build_meta_net(release_config(name))
         if precision in MODES:
-            quantize_modules(net, precision, standard_modules(net, lm_head=True))
+            quantize_modules(net, precision, standard_modules(net, lm_head=True, embeddings=True))
         sizes[precision] = sum(t.numel() * (t.element_size() if not t.is_floating_point() or t.dtype != torch.float32
                                             else 2) for t in net.state_dict().values())
     return sizes

@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--out", required=True, metavar="DIR", help="the new folder (must not exist)")
     quant.add_argument("--keep-lm-head", action="store_true",
                        help="keep lm_head (text answers) in its stored precision")
+    quant.add_argument("--keep-embeddings", action="store_true",
+                       help="keep the text-token embedding table in its stored precision")
     return parser
 
 
@@ -290,6 +292,7 @@ def _run_quantize(args: argparse.Namespace) -> Path:
     models_dir = Path(args.models_dir)
     path = resolve_model_path(args.model, [models_dir], download_dir=models_dir)
     return save_quantized(path, Path(args.out), args.dtype, lm_head=not args.keep_lm_head,
+                          embeddings=not args.keep_embeddings,
                           variant=None if args.variant == "auto" else args.variant)
 
 

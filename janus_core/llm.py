@@ -214,7 +214,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None
     n = weight.shape[0]
     x2d = x.reshape(rows, x.shape[-1])
     if not isinstance(weight, torch.Tensor):  # a weight-only quantized weight (janus_core.quant)
-        return quantized_matmul(x2d, weight).view(*x.shape[:-1], n)
+        return quantized_matmul(x2d, weight, cpu_class).view(*x.shape[:-1], n)
     device = weight.device.type
     if device == "cpu" and cpu_class is None:
         cpu_class = precision.local_cpu_class()

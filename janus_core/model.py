@@ -288,7 +288,8 @@ def check_weight_count(stored: StoredSize, folder: Path, expected: int, *, exact
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                variant: str | None = None, quantize: str | None = None, *, quantize_lm_head: bool = True,
-               quantize_fallback: bool = True, compute_device: torch.device | str | None = None) -> JanusModel:
+               quantize_embeddings: bool = True, quantize_fallback: bool = True,
+               compute_device: torch.device | str | None = None) -> JanusModel:
     """Load the checkpoint folder ``path`` (config.json, tokenizer.json, weights) as a :class:`JanusModel`.
 
     ``device`` (where the weights are read to) and the precision default to the policy in this module's
@@ -296,9 +297,10 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     which the automatic precision is chosen for (ComfyUI reads weights to the CPU and runs them on a GPU).
     ``variant`` forces ``"janus-1.3b"`` or ``"janus-pro"`` prompt roles (``None`` detects the variant).
 
-    ``quantize`` ``"int8"`` / ``"int4"`` quantizes the language model's linear layers, the image-token head and
-    (``quantize_lm_head``) ``lm_head`` while the checkpoint streams in (:mod:`janus_core.quant`); the precision
-    stays that of everything else and the compute dtype of the quantized matmuls. A quantized folder
+    ``quantize`` ``"int8"`` / ``"int4"`` quantizes the language model's linear layers, the image-token head,
+    (``quantize_lm_head``) ``lm_head`` and (``quantize_embeddings``) the text-token embedding table while the
+    checkpoint streams in (:mod:`janus_core.quant`); the precision stays that of everything else and the compute
+    dtype of the quantized matmuls. A quantized folder
     (:func:`janus_core.quant.folder.save_quantized`) loads in its own mode with ``quantize=None`` or the same
     mode. ``quantize_fallback=False`` refuses a device without a working kernel instead of using the slower
     dequantize-then-matmul path. When ``compute_device`` is not ``device``, quantized weights are laid out for
@@ -330,7 +332,8 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     stored_folder = quant_folder.read_quantization(folder)
     stored = stored_size(folder, skip=is_unused_key)
     llm_values = (config.llm.parameter_count if stored_folder is None else
-                  quant_folder.quantized_llm_elements(config.llm, stored_folder.mode, stored_folder.lm_head))
+                  quant_folder.quantized_llm_elements(config.llm, stored_folder.mode, stored_folder.lm_head,
+                                                      stored_folder.embeddings))
     check_weight_count(stored, folder, llm_values, exact=False)  # before building anything
     try:
         with torch.device("meta"):
@@ -349,7 +352,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     if stored_folder is not None or quantize is not None:
         # targets: the layers to quantize while the checkpoint streams in (None: the folder's are quantized)
         targets = (None if stored_folder is not None else
-                   quantize_modules(net, quantize, standard_modules(net, quantize_lm_head)))
+                   quantize_modules(net, quantize, standard_modules(net, quantize_lm_head, quantize_embeddings)))
         quantized = QuantizedLayers(net, device, lambda name: weight_dtype(name, precision), targets,
                                     prepare=compute == device, fallback=quantize_fallback)
     load_weights(net, config, folder, device, precision, quantized)

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from torch import nn
 
 import janus_core
 from janus_core import precision
@@ -14,7 +15,7 @@ from janus_core.generate_ar import PromptTokens, build_cfg_pair, cfg_logit_steps
 from janus_core.quant import formats, kernels
 from janus_core.quant.folder import QUANT_FILE, read_quantization, save_quantized
 from janus_core.quant.kernels import CPU_INT4, PLAIN, TILED_INT4, QuantizedWeight, kernel_for, matmul, pack
-from janus_core.quant.linear import QuantLinear, quant_layers
+from janus_core.quant.linear import EMBEDDINGS, QuantEmbedding, QuantLinear, quant_layers, quantize_modules
 from janus_core.sampling import cfg_mix
 from tests.conftest import FLOW_TINY, PRO_TINY, golden
 
@@ -108,7 +109,7 @@ def test_rows_decide_between_kernel_and_dequantize(mode, monkeypatch):
     assert "cpu" in handle.kernel.device_types
     calls = []
 
-    def dequantized(x, w):
+    def dequantized(x, w, cpu_class):
         calls.append(x.shape[0])
         return x.new_zeros(x.shape[0], 192)
 
@@ -119,31 +120,42 @@ def test_rows_decide_between_kernel_and_dequantize(mode, monkeypatch):
     assert calls == [limit + 1]
 
 
-@pytest.mark.parametrize("cpu_class, rows, work", [
-    (precision.EMULATED, 64, torch.float32),  # bf16 matmuls over many rows are emulated there: float32 chunks
-    (precision.EMULATED, 2, torch.bfloat16),
-    (precision.NATIVE, 64, torch.bfloat16),
-    (precision.AMX, 64, torch.bfloat16),
+@pytest.mark.parametrize("cpu_class, rows, work, by_row", [
+    (precision.EMULATED, 64, torch.float32, False),  # bf16 matmuls over many rows are emulated there: float32 chunks
+    (precision.EMULATED, 2, torch.bfloat16, True),
+    (precision.NATIVE, 2, torch.bfloat16, True),  # x @ chunk.T up to 16 rows, chunk @ x.T above
+    (precision.NATIVE, 64, torch.bfloat16, False),
+    (precision.AMX, 64, torch.bfloat16, False),
 ])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_dequantized_chunks_follow_the_cpu_class(mode, cpu_class, rows, work, monkeypatch):
+def test_dequantized_chunks_follow_the_cpu_class(mode, cpu_class, rows, work, by_row, monkeypatch):
     handle, reference = quantized(mode, 192, 256, torch.bfloat16)
-    monkeypatch.setattr(precision, "local_cpu_class", lambda: cpu_class)
     seen = []
     mm = torch.mm
 
     def recording_mm(a, b, **kw):
-        seen.append((a.dtype, b.dtype))
+        seen.append((a.dtype, b.dtype, a.shape[0] == rows))
         return mm(a, b, **kw)
 
     monkeypatch.setattr(torch, "mm", recording_mm)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
-    got = kernels._dequantized_matmul(x, handle)
+    got = kernels._dequantized_matmul(x, handle, cpu_class)
     monkeypatch.undo()
-    assert seen and set(seen) == {(work, work)}
+    assert seen and set(seen) == {(work, work, by_row)}
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 192)
     expect = x.float() @ reference.t()
     assert float((got.float() - expect).abs().max() / expect.abs().max()) < 1e-2
+
+
+def test_dequantized_matmul_asks_for_the_local_class_only_when_not_told(monkeypatch):
+    handle, _ = quantized("int8", 192, 256, torch.bfloat16)
+    asked = []
+    monkeypatch.setattr(precision, "local_cpu_class", lambda: asked.append(1) or precision.EMULATED)
+    x = torch.randn(64, 256).bfloat16()
+    told = matmul(x, handle, precision.NATIVE)
+    assert not asked
+    assert torch.equal(matmul(x, handle), kernels._dequantized_matmul(x, handle, precision.EMULATED)) and asked
+    assert float((told.float() - matmul(x, handle).float()).abs().max()) < 5e-2 * float(told.float().abs().max())
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -152,7 +164,7 @@ def test_kernel_equals_fallback(mode):
     kernel = handle.kernel
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
     via_kernel = kernel.run(x, handle.qweight, handle.qscale, handle.group).float()
-    via_fallback = kernels._dequantized_matmul(x, handle).float()
+    via_fallback = kernels._dequantized_matmul(x, handle, precision.local_cpu_class()).float()
     assert float((via_kernel - via_fallback).abs().max() / via_fallback.abs().max()) < 1.5e-2
 
 
@@ -247,18 +259,43 @@ def test_which_layers_are_quantized():
     layers = quant_layers(model.net)
     assert set(layers) == {f"language_model.model.layers.{i}.{n}" for i in range(2) for n in
                            ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")} | {
-        "language_model.lm_head", "gen_head.output_mlp_projector", "gen_head.vision_head"}
+        "language_model.lm_head", "language_model.model.embed_tokens", "gen_head.output_mlp_projector",
+        "gen_head.vision_head"}
     floats = {n.rsplit(".", 1)[0].split(".")[0] for n, p in model.net.named_parameters() if p.is_floating_point()}
     assert {"vision_model", "gen_vision_model", "aligner", "gen_aligner", "gen_embed"} <= floats
-    assert model.net.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert isinstance(model.net.language_model.model.embed_tokens, QuantEmbedding)
+    assert model.net.language_model.model.embed_tokens.weight.dtype == torch.bfloat16  # its compute dtype
     # joined layers hold q/k/v and gate/up; the runner re-joins the placeholder parts into one matmul
     attn = model.net.language_model.model.layers[0].self_attn
     assert attn.qkv_proj.parts == (64, 32, 32) and attn.q_proj.weight.shape == (64, 64)
     weights = janus_core.llm.LayerWeights.of(model.net.language_model.model.layers[0])
     assert weights.qkv is not None and weights.gate_up is not None
     no_lm_head = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int8",
-                                       quantize_lm_head=False)
+                                       quantize_lm_head=False, quantize_embeddings=False)
     assert no_lm_head.net.language_model.lm_head.weight.dtype == torch.bfloat16
+    assert no_lm_head.net.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert set(quant_layers(no_lm_head.net)) == set(layers) - {"language_model.lm_head",
+                                                               "language_model.model.embed_tokens"}
+
+
+@pytest.mark.parametrize("mode, tolerance", [("int8", 0.01), ("int4", 0.12)])
+def test_quantized_embedding_looks_up_dequantized_rows(mode, tolerance):
+    """The table is stored like a linear weight (a row per token) and a lookup dequantizes only those rows."""
+    table = torch.randn(300, 256, generator=torch.Generator().manual_seed(5))
+    layer = quantize_modules(nn.ModuleDict({"language_model": nn.ModuleDict({"model": nn.ModuleDict(
+        {"embed_tokens": nn.Embedding(300, 256)})})}), mode, [EMBEDDINGS])[f"{EMBEDDINGS}.weight"].module
+    qweight, qscale = formats.quantize(table, mode)
+    layer.set_weight(qweight, qscale, PLAIN, None)
+    layer.prepare(torch.bfloat16)
+    ids = torch.tensor([[5, 299, 0], [5, 7, 120]])
+    got = layer(ids)
+    assert got.shape == (2, 3, 256) and got.dtype == torch.bfloat16
+    expect = formats.dequantize(qweight, qscale, mode)[ids]
+    torch.testing.assert_close(got.float(), expect, rtol=8e-3, atol=1e-6)  # bf16 rounding only
+    error = (got.float() - table[ids]).norm(dim=-1) / table[ids].norm(dim=-1)
+    assert float(error.max()) < tolerance
+    with pytest.raises(IndexError):
+        layer(torch.tensor([300]))
 
 
 def test_state_dict_reports_the_quantized_size():
@@ -401,7 +438,7 @@ def test_quantizing_the_uvit_is_refused(tmp_path):
 @pytest.mark.parametrize(("edit", "phrase"), [
     (lambda r: r.update(mode="int3"), "mode is 'int3'"),
     (lambda r: r.update(version=7), "version 7 of the quantized format"),
-    (lambda r: r.update(modules=["language_model.model.embed_tokens"]), "not one of the layers"),
+    (lambda r: r.update(modules=["gen_embed"]), "not one of the layers"),
 ])
 def test_bad_quantization_record_is_refused(int4_folder, tmp_path, edit, phrase):
     with pytest.raises(CheckpointError, match=phrase):
@@ -431,7 +468,8 @@ def test_weight_count_check_knows_quantized_layouts(int4_folder, tmp_path):
 
     model = janus_core.load_model(int4_folder, device="cpu")
     llm = model.net.language_model.state_dict()
-    assert quantized_llm_elements(model.config.llm, "int4", lm_head=True) == sum(t.numel() for t in llm.values())
+    stored = quantized_llm_elements(model.config.llm, "int4", lm_head=True, embeddings=True)
+    assert stored == sum(t.numel() for t in llm.values())
     copy = doctored(int4_folder, tmp_path)
     config = json.loads((copy / "config.json").read_text())
     config["language_config"]["num_hidden_layers"] = 8

@@ -30,7 +30,7 @@ from ..config import JanusConfig, LlamaSpec, load_config
 from ..errors import CheckpointError, JanusError
 from ..jsonfile import JsonFields, read_json
 from . import formats
-from .linear import LM_HEAD, QuantLinear, check_modules, quantize_modules, standard_modules
+from .linear import EMBEDDINGS, LM_HEAD, QuantWeights, check_modules, quantize_modules, standard_modules
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ class QuantizedFolder:
     @property
     def lm_head(self) -> bool:
         return LM_HEAD in self.modules
+
+    @property
+    def embeddings(self) -> bool:
+        return EMBEDDINGS in self.modules
 
 
 def read_quantization(folder: str | Path) -> QuantizedFolder | None:
@@ -79,15 +83,16 @@ def read_quantization(folder: str | Path) -> QuantizedFolder | None:
     return QuantizedFolder(mode, tuple(modules))
 
 
-def quantized_llm_elements(spec: LlamaSpec, mode: str, lm_head: bool) -> int:
+def quantized_llm_elements(spec: LlamaSpec, mode: str, lm_head: bool, embeddings: bool) -> int:
     """Values a quantized folder stores for the language model (what ``LlamaSpec.parameter_count`` is for a
-    full-precision one): embeddings and norms as they are, every linear layer in ``mode``'s layout."""
+    full-precision one): norms as they are, every linear layer, and ``lm_head`` / the token embedding when they
+    are quantized, in ``mode``'s layout."""
     h, inter, d = spec.hidden_size, spec.intermediate_size, spec.head_dim
     q, kv = spec.num_attention_heads * d, spec.num_key_value_heads * d
     shapes = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)]
     per_layer = sum(formats.stored_elements(mode, n, k) - n * k for n, k in shapes)
-    head = formats.stored_elements(mode, spec.vocab_size, h) - spec.vocab_size * h if lm_head else 0
-    return spec.parameter_count + spec.num_hidden_layers * per_layer + head
+    table = formats.stored_elements(mode, spec.vocab_size, h) - spec.vocab_size * h
+    return spec.parameter_count + spec.num_hidden_layers * per_layer + table * (int(lm_head) + int(embeddings))
 
 
 class _StreamWriter:
@@ -145,12 +150,13 @@ def _side_files(source: Path) -> list[Path]:
 
 
 def save_quantized(source: str | Path, destination: str | Path, mode: str, *, lm_head: bool = True,
-                   variant: str | None = None) -> Path:
+                   embeddings: bool = True, variant: str | None = None) -> Path:
     """Write the checkpoint in ``source`` as a quantized folder ``destination`` (``mode`` ``"int8"``/``"int4"``);
     returns ``destination``. ``load_model(destination)`` then loads it without quantizing again.
 
     Streams the source one tensor at a time (about one tensor in RAM, plus the quantized rows of a joined layer
-    whose other parts come later); the CPU does the work, no GPU is needed. ``variant`` as for ``load_model``.
+    whose other parts come later); the CPU does the work, no GPU is needed. ``lm_head`` / ``embeddings``: quantize
+    those too (as ``load_model``'s ``quantize_lm_head`` / ``quantize_embeddings``). ``variant`` as for ``load_model``.
     """
     from ..model import is_unused_key
 
@@ -162,7 +168,7 @@ def save_quantized(source: str | Path, destination: str | Path, mode: str, *, lm
         raise JanusError(f"{destination} already exists; choose a new folder for the quantized checkpoint.")
     config = load_config(source, variant=variant)
     net = _build_meta_net(config)
-    names = standard_modules(net, lm_head)
+    names = standard_modules(net, lm_head, embeddings)
     targets = quantize_modules(net, mode, names)
     stored = tensor_specs(source)
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -225,7 +231,7 @@ def check_folder(folder: Path, quantized: QuantizedFolder, net: torch.nn.Module,
                               "safetensors only. Quantize the original checkpoint again.")
 
 
-def check_stored_dtypes(folder: Path, layers: dict[str, QuantLinear]) -> None:
+def check_stored_dtypes(folder: Path, layers: dict[str, QuantWeights]) -> None:
     """Refuse quantized tensors of ``folder`` whose stored dtype is not their format's (the reader would convert
     them silently). Run after the layers are replaced."""
     stored = tensor_specs(folder)

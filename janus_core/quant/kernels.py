@@ -46,8 +46,6 @@ TILED_INT4 = "tiled-int4"
 
 # Weight elements dequantized per chunk of the dequantize-then-matmul path (8-16 MiB in bf16 / fp32: the L3 cache).
 DEQUANT_CHUNK = 1 << 22
-# Up to this many rows the dequantized chunks are multiplied as x @ chunk.T (see _dequantized_matmul).
-FEW_ROWS = 32
 # Weight elements packed per call of the CPU int4 packing op (its int32 input: 32 MiB).
 PACK_CHUNK = 1 << 23
 # Self-check probe: a matrix every kernel accepts (rows a multiple of 64, two int4 groups of 128) and its rows.
@@ -282,47 +280,53 @@ def _block_rows(w: QuantizedWeight) -> int:
     return max(align, DEQUANT_CHUNK // w.shape[1] // align * align)
 
 
-def _dequantized_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+def _dequantized_matmul(x: torch.Tensor, w: QuantizedWeight, cpu_class: str | None) -> torch.Tensor:
     """``x [M, K] @ w.T`` ``[M, N]`` in ``x``'s dtype by dequantizing ``w`` chunk by chunk into one reused buffer
     (never a whole copy of the layer). ``w`` must be :meth:`~QuantizedWeight.readable`.
 
-    Up to :data:`FEW_ROWS` rows each chunk is multiplied as ``x @ chunk.T`` (2x faster than ``chunk @ x.T`` at
-    8-16 rows on the CPUs measured), above as ``chunk @ x.T`` into a ``[N, M]`` result returned transposed.
-    Chunks are dequantized to float32 where :func:`janus_core.precision.matmul_form` says ``x``'s dtype has no
-    fast matmul for this many rows (bfloat16 on CPUs that emulate it).
+    Each chunk is multiplied in the form :func:`janus_core.precision.matmul_form` picks for ``M`` rows on
+    ``cpu_class``: ``x @ chunk.T`` into ``[M, N]``, or ``chunk @ x.T`` into ``[N, M]`` returned transposed;
+    chunks are dequantized to float32 where it says ``x``'s dtype has no fast matmul for this many rows
+    (bfloat16 on CPUs that emulate it).
     """
     n, k = w.shape
     rows = x.shape[0]
-    few = rows <= FEW_ROWS
-    cpu_class = precision.local_cpu_class() if x.device.type == "cpu" else None
-    slow = precision.matmul_form(x.dtype, rows, x.device.type, cpu_class) == precision.FP32_CHUNKS
-    work = torch.float32 if slow else x.dtype
+    device = x.device.type
+    form = precision.matmul_form(x.dtype, rows, device, cpu_class)
+    work = x.dtype
+    if form == precision.FP32_CHUNKS:
+        work = torch.float32
+        form = precision.matmul_form(work, rows, device, cpu_class)
+    by_row = form == precision.X_WT
     xw = x.to(work)
-    out = torch.empty((rows, n) if few else (n, rows), dtype=work, device=x.device)
+    out = torch.empty((rows, n) if by_row else (n, rows), dtype=work, device=x.device)
     step = _block_rows(w)
     buffer = torch.empty(min(step, n), k, dtype=work, device=x.device)
     for first in range(0, n, step):
         span = slice(first, min(first + step, n))
         chunk = w.dequantize_rows(span, buffer[: span.stop - first])
-        if few:
+        if by_row:
             torch.mm(xw, chunk.t(), out=out[:, span])
         else:
             torch.mm(chunk, xw.t(), out=out[span])
     if w.mode == "int8":
         scale = w.qscale.to(work)
-        out.mul_(scale if few else scale[:, None])
-    out = out if few else out.t()
-    return out.to(x.dtype) if slow else out
+        out.mul_(scale if by_row else scale[:, None])
+    out = out if by_row else out.t()
+    return out.to(x.dtype)
 
 
-def matmul(x: torch.Tensor, weight: QuantizedWeight | WeightRows) -> torch.Tensor:
+def matmul(x: torch.Tensor, weight: QuantizedWeight | WeightRows, cpu_class: str | None = None) -> torch.Tensor:
     """``x [M, K]`` times the quantized ``weight [N, K]`` transposed -> ``[M, N]`` in ``x``'s dtype (possibly a
-    transposed view). The kernel serves up to its ``max_rows`` rows, dequantize-then-matmul the rest."""
+    transposed view). The kernel serves up to its ``max_rows`` rows, dequantize-then-matmul the rest (in the
+    matmul form of ``cpu_class``, :func:`janus_core.precision.bf16_class`'s answer; default: this machine's)."""
     if isinstance(weight, WeightRows):
-        return matmul(x, weight.parent)[:, weight.start:weight.stop]
+        return matmul(x, weight.parent, cpu_class)[:, weight.start:weight.stop]
     kernel = weight.kernel
     if (kernel is None or x.shape[0] > kernel.max_rows) and weight.readable():
-        return _dequantized_matmul(x, weight)
+        if x.device.type == "cpu" and cpu_class is None:
+            cpu_class = precision.local_cpu_class()
+        return _dequantized_matmul(x, weight, cpu_class)
     if kernel is None:
         raise JanusError(f"internal: no way to multiply by a {weight.layout} {weight.mode} weight")
     return kernel.run(x.contiguous(), weight.qweight, weight.qscale, weight.group)

@@ -1,7 +1,7 @@
 """Quantized layers filled while a checkpoint streams by: quantize-while-loading and quantized folders.
 
-Each :class:`~janus_core.quant.linear.QuantLinear` collects its canonical tensors in CPU memory (full-precision
-rows are quantized on the CPU as they arrive, a quantized folder's tensors are read straight in) and is
+Each quantized layer (:class:`~janus_core.quant.linear.QuantWeights`) collects its canonical tensors in CPU memory
+(full-precision rows are quantized on the CPU as they arrive, a quantized folder's tensors are read straight in) and is
 installed on the target device, laid out for its kernel, as soon as all of its rows are in. So the CPU holds
 the quantized weights plus the layers still being assembled, and a GPU never sees a full-precision copy of a
 quantized layer.
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..checkpoint import RowBlocks
 from . import formats
-from .linear import QuantLinear, Target, quant_layers
+from .linear import QuantWeights, Target, quant_layers
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class QuantizedLayers:
     ``qweight`` / ``qscale``. ``dtype_of(layer name)`` is the layer's compute dtype. With ``prepare`` each layer
     is laid out for the kernel of ``device`` when it is installed (``fallback`` as in
     :func:`~janus_core.quant.kernels.kernel_for`); otherwise it stays canonical, to be prepared on the device it
-    will run on (:meth:`QuantLinear.prepare`).
+    will run on (:meth:`QuantWeights.prepare`).
     """
 
     def __init__(self, net: nn.Module, device: torch.device, dtype_of: Callable[[str], torch.dtype],
@@ -109,7 +109,7 @@ class QuantizedLayers:
 
     def _install(self, layer_name: str) -> None:
         staged = self._staged.pop(layer_name)
-        layer: QuantLinear = self.layers[layer_name]
+        layer: QuantWeights = self.layers[layer_name]
         dtype = self.dtype_of(layer_name)
         layer.set_weight(staged.qweight.to(self.device), staged.qscale.to(self.device, dtype), "plain", None)
         if self.prepare:
