@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from janus_core.generate_flow import build_flow_cfg, initial_noise, iter_flow_steps
+from janus_core.llm import cpu_unpack_layers
 from janus_core.model import JanusModel
 
 from .ar import PROMPT
@@ -53,6 +54,7 @@ def run_flow(model: JanusModel, ref_model: JanusModel, parallel: int, steps: int
     noise = initial_noise(model, parallel, 0)
 
     def ours(n: int) -> StepClock:
+        model.llm.prepare_weights()  # a one-off per loaded model (the reference may have unpacked a shared one)
         clock = StepClock(cuda=model.device.type == "cuda")
         clock.mark()
         for i, _ in enumerate(iter_flow_steps(model, pair, noise, IMAGE_STEPS, CFG_WEIGHT)):
@@ -62,6 +64,7 @@ def run_flow(model: JanusModel, ref_model: JanusModel, parallel: int, steps: int
         return clock
 
     def reference(n: int) -> StepClock:
+        cpu_unpack_layers(ref_model.net.language_model)  # before the clock starts (the reference reads plain weights)
         clock = StepClock(cuda=model.device.type == "cuda")
         clock.mark()
         reference_flow_latents(ref_model, pair, noise, n, CFG_WEIGHT, on_step=lambda i: clock.mark())

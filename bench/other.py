@@ -37,7 +37,7 @@ def understanding_speed(model: JanusModel, new_tokens: int = 24) -> UnderstandRu
     """Greedy answer about the fixture image: prefill seconds and per-token time."""
     image = Image.open(FIXTURES / "images" / "synthetic_200x300.png").convert("RGB")
     clock = StepClock()
-    understand(model, [image], QUESTION, max_new_tokens=2)  # warm-up
+    understand(model, [image], QUESTION, max_new_tokens=2)  # warm-up (packs the weights for the CPU's matmul)
     wait_quiet()
     start = time.perf_counter()
     first: list[float] = []

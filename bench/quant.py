@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from janus_core import cpu_packed
 from janus_core.generate_ar import build_cfg_pair, cfg_logit_steps, generate_image_tokens
 from janus_core.llm import KVCache, linear
 from janus_core.model import JanusModel, load_model, param_bytes
@@ -196,6 +197,7 @@ def bench_kernels(args: argparse.Namespace) -> None:
     from janus_core.quant import formats, kernels
 
     rows_out = []
+    packing = cpu_packed.can_pack(torch.bfloat16)
     for name in ("pro-1b", "pro-7b"):
         layer = []
         for n, k in layer_shapes(name):
@@ -207,25 +209,30 @@ def bench_kernels(args: argparse.Namespace) -> None:
                 packed, scales = kernels.pack(qweight, qscale, mode, choice.layout, torch.bfloat16)
                 handles[mode] = kernels.QuantizedWeight(packed, scales, mode, choice.layout, choice.kernel,
                                                          formats.group_size(mode, k), (n, k))
-            layer.append((w, handles))
+            layer.append((w, cpu_packed.pack(w) if packing else None, handles))
         for rows in args.kernel_rows:
             times: dict[str, float] = {}
             wait_quiet()
-            for w, handles in layer:
+            for w, packed, handles in layer:
                 x = torch.randn(rows, w.shape[1]).bfloat16()
                 candidates = {"bf16 x@W.T": lambda x=x, w=w: torch.mm(x, w.t()),
                               "bf16 W@x.T": lambda x=x, w=w: torch.mm(w, x.t()),
                               "bf16 linear()": lambda x=x, w=w: linear(x, w)}
+                if packed is not None:
+                    candidates["bf16 packed"] = lambda x=x, p=packed: cpu_packed.matmul(x, p)
                 candidates |= {m: (lambda x=x, h=h: kernels.matmul(x, h)) for m, h in handles.items()}
                 for label, fn in candidates.items():
                     times[label] = times.get(label, 0.0) + _fastest_call(fn)
-            best_bf16 = min(times["bf16 x@W.T"], times["bf16 W@x.T"], times["bf16 linear()"])
-            rows_out.append([name, rows, *(f"{t * 1e3:.2f}" for t in times.values()),
+            best_bf16 = min(t for label, t in times.items() if label.startswith("bf16"))
+            times.setdefault("bf16 packed", float("nan"))
+            order = ["bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", "bf16 packed", *MODES]
+            rows_out.append([name, rows, *(f"{times[label] * 1e3:.2f}" for label in order),
                              *(f"{best_bf16 / times[m]:.2f}" for m in MODES)])
     print_table("One decoder layer's matmuls (joined q/k/v, o, gate/up, down), ms, fastest of 7 calls; bf16 "
-                "linear(): the form janus_core.precision picks for this CPU class; int8 / int4: what "
-                f"janus_core.quant.kernels.matmul picks for the row count; CPU: {local_cpu_class()}",
-                ["model", "rows", "bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", *MODES,
+                "linear(): the form janus_core.precision picks for plain weights on this CPU class; bf16 packed: "
+                "oneDNN-packed weights (what the decoder layers use where the CPU can pack; nan: it cannot); int8 / "
+                f"int4: what janus_core.quant.kernels.matmul picks for the row count; CPU: {local_cpu_class()}",
+                ["model", "rows", "bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", "bf16 packed", *MODES,
                  *(f"{m} vs best bf16" for m in MODES)],
                 rows_out)
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from janus_core.generate_ar import CFGPair
 from janus_core.generate_flow import FlowCFG
+from janus_core.llm import cpu_unpack_layers
 from janus_core.model import JanusModel
 from janus_core.prompts import IMAGE_TOKENS
 
@@ -43,6 +44,7 @@ def reference_ar_tokens(model: JanusModel, pair: CFGPair, steps: int = IMAGE_TOK
     time steps late in the 576-token range without prefilling hundreds of positions for every row.
     """
     net, b = model.net, pair.batch_size
+    cpu_unpack_layers(net.language_model)  # transformers' forward reads the plain weights
     lm = net.language_model.model
     if past is None:
         if pair.cond_ids.numel() != pair.uncond_ids.numel():
@@ -74,6 +76,7 @@ def reference_flow_latents(model: JanusModel, pair: FlowCFG, z: torch.Tensor, st
                            cfg_weight: float = 2.0, on_step: StepHook | None = None) -> torch.Tensor:
     """Run the reference Euler loop from ``z [B, 4, 48, 48]`` for ``steps`` steps; returns the final latent."""
     net, device, dtype = model.net, model.device, model.dtype
+    cpu_unpack_layers(net.language_model)  # transformers' forward reads the plain weights
     lm = net.language_model.model
     prompt = lm.embed_tokens(pair.rows[:, :-1].to(device))  # [2B, L-1, H]; the last token's slot is t_emb
     mask = pair.attention_mask().to(device)

@@ -8,9 +8,11 @@ float32 angles, SiLU-gated MLP, softmax attention with scale ``head_dim**-0.5``.
 
 Speed (docs/PERFORMANCE.md): a decode step is bound by reading the weights, so the runner
 
-* computes each matmul in the form the device streams fastest (:func:`janus_core.precision.matmul_form`:
-  the operand order by CPU class, dtype and row count; on CPUs without bf16 instructions, bf16 weights
-  converted to float32 in cache-sized chunks when more than a few rows share them);
+* computes each matmul in the form the device streams fastest: on CPUs where oneDNN packs bf16 weights, the
+  decoder layers' matrices are packed once (:mod:`janus_core.cpu_packed`, :func:`cpu_pack_layers`); otherwise
+  :func:`janus_core.precision.matmul_form` picks the operand order by CPU class, dtype and row count, and on
+  CPUs without bf16 instructions converts bf16 weights to float32 in cache-sized chunks when more than a few
+  rows share them;
 * keeps the number of small ops per layer low: RMSNorm in 3 ops, RoPE from precomputed cos / signed-sin
   tables, in-place residual and SwiGLU updates, no attention mask unless padding needs one;
 * optionally runs one-token steps through ``torch.compile`` (``compile=True`` or ``JANUS_COMPILE=1``;
@@ -29,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import precision
+from . import cpu_packed, precision
 from .config import LlamaSpec
+from .errors import JanusError
 from .quant.kernels import join as join_quantized
 from .quant.kernels import matmul as quantized_matmul
 
@@ -203,8 +206,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scratch: Scratch
 def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None, name: str = "linear",
            cpu_class: str | None = None) -> torch.Tensor:
     """``x [..., K]`` times ``weight [N, K]`` transposed -> ``[..., N]`` in ``x``'s dtype (no bias); into
-    ``scratch[name]`` if given. ``x`` and ``weight`` share a dtype, or ``weight`` is weight-only quantized
-    (:func:`janus_core.quant.kernels.matmul`, which picks its own kernel and output).
+    ``scratch[name]`` if given. ``x`` and ``weight`` share a dtype, or ``weight`` is packed for oneDNN
+    (:mod:`janus_core.cpu_packed`) or weight-only quantized (:func:`janus_core.quant.kernels.matmul`); those
+    pick their own kernel and output.
 
     The form comes from :func:`janus_core.precision.matmul_form` for ``cpu_class`` (default: this machine's).
     The ``weight @ x.T`` forms return a transposed (non-contiguous) result: making it contiguous costs more
@@ -213,6 +217,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None
     rows = x.numel() // x.shape[-1]
     n = weight.shape[0]
     x2d = x.reshape(rows, x.shape[-1])
+    if isinstance(weight, cpu_packed.PackedWeight):
+        return cpu_packed.matmul(x2d, weight).view(*x.shape[:-1], n)
     if not isinstance(weight, torch.Tensor):  # a weight-only quantized weight (janus_core.quant)
         return quantized_matmul(x2d, weight, cpu_class).view(*x.shape[:-1], n)
     device = weight.device.type
@@ -335,6 +341,58 @@ def pack_projections(lm: nn.Module) -> int:
     return packed
 
 
+# Attribute of a decoder layer packed by cpu_pack_layers: {"qkv" | "o" | "gate_up" | "down": PackedWeight}. A plain
+# attribute, so state_dict and .to() never see the opaque tensors.
+CPU_PACKED_ATTR = "_janus_cpu_packed"
+# Which modules each packed matrix stands for (joined matrices: their rows in this order).
+CPU_PACKED_MATRICES = (("qkv", PACKED_GROUPS[0]), ("o", ("self_attn.o_proj",)), ("gate_up", PACKED_GROUPS[1]),
+                   ("down", ("mlp.down_proj",)))
+
+
+def cpu_pack_layers(lm: nn.Module) -> int:
+    """Pack each decoder layer's matrices for oneDNN (:mod:`janus_core.cpu_packed`) where its weights are
+    plain, joined (:func:`pack_projections`) and on the CPU in a dtype :func:`~janus_core.cpu_packed.can_pack`
+    accepts; the parameters become stand-ins. Layer by layer, so RAM grows by one layer at most. Returns the
+    number of layers packed now (layers already packed, quantized or elsewhere are left alone).
+    """
+    count = 0
+    with torch.no_grad():
+        for layer in lm.model.layers:
+            if CPU_PACKED_ATTR in layer.__dict__:
+                continue
+            w = LayerWeights.of(layer)
+            if not (isinstance(w.qkv, torch.Tensor) and isinstance(w.gate_up, torch.Tensor)
+                    and isinstance(w.o, torch.Tensor) and w.o.device.type == "cpu" and cpu_packed.can_pack(w.o.dtype)):
+                continue
+            packed = {key: cpu_packed.pack(getattr(w, key)) for key, _ in CPU_PACKED_MATRICES}
+            for _, names in CPU_PACKED_MATRICES:
+                for name in names:
+                    module = layer.get_submodule(name)
+                    module.weight = nn.Parameter(cpu_packed.stand_in(tuple(module.weight.shape), module.weight.dtype),
+                                                 requires_grad=False)
+            setattr(layer, CPU_PACKED_ATTR, packed)
+            count += 1
+    return count
+
+
+def cpu_unpack_layers(lm: nn.Module) -> int:
+    """Undo :func:`cpu_pack_layers`: plain parameters (q/k/v and gate/up joined again) instead of stand-ins, layer by
+    layer. Needed before the weights are moved, read or saved. Returns the number of layers unpacked."""
+    count = 0
+    with torch.no_grad():
+        for layer in lm.model.layers:
+            packed = layer.__dict__.pop(CPU_PACKED_ATTR, None)
+            if packed is None:
+                continue
+            for key, names in CPU_PACKED_MATRICES:
+                modules = [layer.get_submodule(name) for name in names]
+                parts = packed[key].dense().split([m.weight.shape[0] for m in modules])
+                for module, part in zip(modules, parts, strict=True):
+                    module.weight = nn.Parameter(part, requires_grad=False)
+            count += 1
+    return count
+
+
 def packed_slots(lm: nn.Module, prefix: str, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Empty joined buffers for every :data:`PACKED_GROUPS` group of ``lm`` (meta-device modules are fine).
 
@@ -372,10 +430,25 @@ class LayerWeights(NamedTuple):
 
     @classmethod
     def of(cls, layer: nn.Module) -> LayerWeights:
+        """The layer's weights; for a layer packed by :func:`cpu_pack_layers` the matrices are its
+        :class:`~janus_core.cpu_packed.PackedWeight` s (q / k / v / gate / up: stand-ins giving the shapes)."""
         a, m = layer.self_attn, layer.mlp
         q, k, v, gate, up = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight
-        return cls(layer.input_layernorm.weight, q, k, v, a.o_proj.weight, layer.post_attention_layernorm.weight,
-                   gate, up, m.down_proj.weight, joined_weight((q, k, v)), joined_weight((gate, up)))
+        norms = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        packed = layer.__dict__.get(CPU_PACKED_ATTR)
+        if packed is not None:
+            if q.device.type != "cpu":
+                raise JanusError(
+                    f"The language model's weights were packed for the CPU and then moved to {q.device} without "
+                    "being unpacked, so they are lost. Move the model with JanusModel.to(), not net.to(), and "
+                    "load it again."
+                )
+            return cls(norms[0], q, k, v, packed["o"], norms[1], gate, up, packed["down"], packed["qkv"],
+                       packed["gate_up"])
+        if isinstance(q, torch.Tensor) and cpu_packed.is_stand_in(q):
+            raise JanusError("internal: a decoder layer holds stand-ins for packed weights but no packed weights")
+        return cls(norms[0], q, k, v, a.o_proj.weight, norms[1], gate, up, m.down_proj.weight,
+                   joined_weight((q, k, v)), joined_weight((gate, up)))
 
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -473,6 +546,14 @@ class LlamaRunner:
         self._rope: RotaryTable | None = None
         self._step: Callable[..., torch.Tensor] | None = None
 
+    def prepare_weights(self) -> None:
+        """Pack the decoder layers for the CPU's matmul where that applies (:func:`cpu_pack_layers`; not while
+        compiling, whose traced step reads plain weights). Cheap once done; every forward calls it."""
+        if not self.compile:
+            packed = cpu_pack_layers(self.lm)
+            if packed:
+                logger.debug("packed %d decoder layers for oneDNN", packed)
+
     def rope(self, max_pos: int) -> RotaryTable:
         """RoPE tables covering positions ``[0, max(max_pos, 4096))`` in the model's dtype and device."""
         w = self.lm.model.embed_tokens.weight
@@ -511,6 +592,7 @@ class LlamaRunner:
         if positions is None:
             positions = torch.arange(start, end, device=embeds.device)
         cos, sin = self.rope(cache.capacity)(positions)
+        self.prepare_weights()
         weights = [LayerWeights.of(layer) for layer in self.lm.model.layers]
         x = None
         if t == 1 and new_valid is None and self.compile:

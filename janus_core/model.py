@@ -31,7 +31,7 @@ from torch import nn
 from .checkpoint import StoredSize, iter_checkpoint, stored_size, trim_heap
 from .config import JanusConfig, load_config
 from .errors import CheckpointError, JanusError
-from .llm import LlamaRunner, pack_projections, packed_slots
+from .llm import LlamaRunner, cpu_unpack_layers, pack_projections, packed_slots
 from .modules.composite import COMPONENT_OF, JanusARNet, JanusFlowNet
 from .precision import Precision, precision_for
 from .processor import ImagePreprocessor, JanusTokenizer
@@ -142,7 +142,10 @@ class JanusModel:
         return self.net.language_model.model.embed_tokens.weight.device
 
     def to(self, device: torch.device | str) -> JanusModel:
-        """Move the weights to ``device`` (in place; returns self)."""
+        """Move the weights to ``device`` (in place; returns self). Weights packed for the CPU's matmul are
+        unpacked first (:func:`janus_core.llm.cpu_unpack_layers`)."""
+        if torch.device(device) != self.device:
+            cpu_unpack_layers(self.net.language_model)
         self.net.to(device)
         self.pack_projections()
         return self

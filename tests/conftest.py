@@ -51,3 +51,22 @@ def node_model(folder: Path, dtype: str = "fp32"):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("JANUS_MODELS_DIR", str(folder.parent))
         return DSJanusModelLoader().load(folder.name, dtype=dtype)[0]
+
+
+def teacher_forced_cfg_logits(model) -> torch.Tensor:
+    """Guided logits ``[40, 2, V]`` at the golden's teacher-forced steps (prompt 0, two images, cfg 5)."""
+    from janus_core.generate_ar import PromptTokens, build_cfg_pair, cfg_logit_steps
+    from janus_core.sampling import cfg_mix
+
+    g = golden(PRO_TINY, "ar_teacher_forced")
+    pair = build_cfg_pair(model, PromptTokens("", "", g["input_ids"], model.variant, str(model.folder)), 2)
+    steps = cfg_logit_steps(model, pair)
+    _, out = next(steps)
+    logits = []
+    forced = g["forced_tokens"]
+    for s in range(forced.shape[1]):
+        logits.append(cfg_mix(out[:2].float(), out[2:].float(), 5.0))
+        if s + 1 < forced.shape[1]:
+            _, out = steps.send(forced[:, s])
+    steps.close()
+    return torch.stack(logits)

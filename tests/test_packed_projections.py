@@ -12,8 +12,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from janus_core import load_model, precision
-from janus_core.llm import KVCache, LayerWeights, decoder_layer, joined_weight, pack_projections, work_buffer_bytes
+from janus_core import cpu_packed, load_model, precision
+from janus_core.llm import (
+    CPU_PACKED_ATTR,
+    KVCache,
+    LayerWeights,
+    cpu_unpack_layers,
+    decoder_layer,
+    joined_weight,
+    pack_projections,
+    work_buffer_bytes,
+)
 from nodes.loader import JanusModelHandle
 from tests.conftest import PRO_TINY
 
@@ -32,7 +41,9 @@ def is_packed(model) -> bool:
 
 
 def unpack(model) -> None:
-    """Give every projection its own memory, as a per-parameter device move does."""
+    """Give every projection its own memory, as a per-parameter device move does (after undoing the packing for
+    the CPU's matmul, which a device move needs first)."""
+    cpu_unpack_layers(model.net.language_model)
     for layer in layers(model):
         for group in GROUPS:
             for name in group:
@@ -156,12 +167,17 @@ def test_work_buffer_estimate_matches_the_buffers(monkeypatch, dtype, cpu_class)
     """What the nodes announce to ComfyUI's memory manager is what a forward allocates (whatever the matmul form
     the CPU class picks: the float32-chunks form of CPUs without bf16 instructions has more buffers)."""
     monkeypatch.setattr(precision, "local_cpu_class", lambda: cpu_class)
+    if cpu_class == precision.EMULATED:  # CPUs without bf16 instructions cannot pack bf16 weights for oneDNN
+        monkeypatch.setattr(cpu_packed, "can_pack", lambda dtype: False)
     model = load_model(PRO_TINY, device="cpu", dtype=dtype)
     spec = model.config.llm
     rows, tokens = 2, 9
     cache = KVCache.allocate(model.llm, rows, 16)
     model.llm.forward(torch.randn(rows, tokens, spec.hidden_size).to(dtype), cache)
     held = sum(b.numel() * b.element_size() for b in cache.scratch._buffers.values())
+    if CPU_PACKED_ATTR in layers(model)[0].__dict__:  # oneDNN's packed matmuls return new q/k/v, o, gate/up tensors
+        q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
+        held += rows * tokens * (q + 2 * kv + spec.hidden_size + 2 * spec.intermediate_size) * dtype.itemsize
     attention_output = rows * tokens * spec.num_attention_heads * spec.head_dim * dtype.itemsize
     # the re-laid copy of the attention output exists only when the kernel's output is not token-major
     assert work_buffer_bytes(spec, rows, tokens, dtype) - (held + attention_output) in (0, attention_output)

@@ -11,13 +11,12 @@ from torch import nn
 import janus_core
 from janus_core import precision
 from janus_core.errors import CheckpointError, JanusError
-from janus_core.generate_ar import PromptTokens, build_cfg_pair, cfg_logit_steps, generate_image_tokens
+from janus_core.generate_ar import generate_image_tokens
 from janus_core.quant import formats, kernels
 from janus_core.quant.folder import QUANT_FILE, read_quantization, save_quantized
 from janus_core.quant.kernels import CPU_INT4, PLAIN, TILED_INT4, QuantizedWeight, kernel_for, matmul, pack
 from janus_core.quant.linear import EMBEDDINGS, QuantEmbedding, QuantLinear, quant_layers, quantize_modules
-from janus_core.sampling import cfg_mix
-from tests.conftest import FLOW_TINY, PRO_TINY, golden
+from tests.conftest import FLOW_TINY, PRO_TINY, golden, teacher_forced_cfg_logits
 
 CPU = torch.device("cpu")
 
@@ -223,22 +222,6 @@ def test_device_without_kernel_and_no_fallback_is_refused(monkeypatch):
 
 
 # --- quantized models ------------------------------------------------------------------------------------------
-
-
-def teacher_forced_cfg_logits(model) -> torch.Tensor:
-    """Guided logits ``[40, 2, V]`` at the golden's teacher-forced steps (prompt 0, two images, cfg 5)."""
-    g = golden(PRO_TINY, "ar_teacher_forced")
-    pair = build_cfg_pair(model, PromptTokens("", "", g["input_ids"], model.variant, str(model.folder)), 2)
-    steps = cfg_logit_steps(model, pair)
-    _, out = next(steps)
-    logits = []
-    forced = g["forced_tokens"]
-    for s in range(forced.shape[1]):
-        logits.append(cfg_mix(out[:2].float(), out[2:].float(), 5.0))
-        if s + 1 < forced.shape[1]:
-            _, out = steps.send(forced[:, s])
-    steps.close()
-    return torch.stack(logits)
 
 
 # Measured on janus-pro-tiny in float32 (relative L2 error of the guided logits per step, mean; top-1 agreement):
