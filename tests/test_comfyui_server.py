@@ -329,6 +329,32 @@ def test_quantized_model_runs_is_sized_and_survives_unload(server, precision):
     assert len(before) == len(after) == 1 and (before[0] == after[0]).all()
 
 
+def test_cpu_packed_model_is_sized_and_survives_unload(server):
+    """dtype auto: on a CPU where oneDNN packs bf16 weights the language model runs packed (the log says which
+    way this CPU went); ComfyUI sizes the model at its full bytes, and after 'Unload models' (the same handle
+    offloaded and loaded again) the same seed gives the same image."""
+    path = REPO / "workflows" / "janus_pro_text_to_image.json"
+    prompt = api_prompt(server, path, batch_size=1)
+    sampler = node_of(prompt, "DSJanusARSampler")
+    first = server.run(prompt)
+    assert_success(server, first)
+    log = server.log_text()
+    assert "packed for oneDNN's bf16 matmul" in log or "plain bf16 weights" in log
+    size = _loaded_megabytes(server)
+    before = saved_pixels(server, first, prompt)
+    server.post("/free", {"unload_models": True})
+    time.sleep(1.5)
+    seed = prompt[sampler]["inputs"]["seed"]
+    prompt[sampler]["inputs"]["seed"] = seed + 1  # runs on the reloaded model
+    assert_success(server, server.run(prompt))
+    assert _loaded_megabytes(server) == size
+    prompt[sampler]["inputs"]["seed"] = seed
+    again = server.run(prompt)
+    assert_success(server, again)
+    after = saved_pixels(server, again, prompt)
+    assert len(before) == len(after) == 1 and (before[0] == after[0]).all()
+
+
 def test_interrupt_stops_sampling_and_leaves_no_broken_cache(server):
     path = REPO / "workflows" / "janusflow_text_to_image.json"
     prompt = api_prompt(server, path, batch_size=1, DSJanusFlowSampler={"steps": 200, "seed": 7})
