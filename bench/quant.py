@@ -335,7 +335,7 @@ def bench_quality(args: argparse.Namespace, folder: Path, label: str) -> None:
             same, first = _agreement(out.greedy, ref.greedy)
             t_err, t_top1 = _compare(out.answer_logits, ref.answer_logits)
             a_same, a_first = _agreement(out.answer, ref.answer)
-            rows.append([precision + (" (lm_head too)" if lm_head else ""), f"{err:.4f}", f"{top1:.3f}",
+            rows.append([precision + (" (lm_head, embeddings too)" if lm_head else ""), f"{err:.4f}", f"{top1:.3f}",
                          f"{same:.3f}", str(first), f"{t_err:.4f}", f"{t_top1:.3f}",
                          f"{a_same:.3f} (first diff {a_first})"])
         del model
