@@ -355,15 +355,18 @@ def cpu_pack_layers(lm: nn.Module) -> int:
     accepts; the parameters become stand-ins. Layer by layer, so RAM grows by one layer at most. Returns the
     number of layers packed now (layers already packed, quantized or elsewhere are left alone).
     """
+    layers = lm.model.layers
+    first = layers[0].self_attn.o_proj.weight if len(layers) else None
+    if not (isinstance(first, torch.Tensor) and first.device.type == "cpu" and cpu_packed.can_pack(first.dtype)):
+        return 0  # quantized, float32 or off the CPU: nothing to pack (checked once, not per layer)
     count = 0
     with torch.no_grad():
-        for layer in lm.model.layers:
+        for layer in layers:
             if CPU_PACKED_ATTR in layer.__dict__:
                 continue
             w = LayerWeights.of(layer)
-            if not (isinstance(w.qkv, torch.Tensor) and isinstance(w.gate_up, torch.Tensor)
-                    and isinstance(w.o, torch.Tensor) and w.o.device.type == "cpu" and cpu_packed.can_pack(w.o.dtype)):
-                continue
+            if not (isinstance(w.qkv, torch.Tensor) and isinstance(w.gate_up, torch.Tensor)):
+                continue  # not joined (pack_projections packs them first)
             packed = {key: cpu_packed.pack(getattr(w, key)) for key, _ in CPU_PACKED_MATRICES}
             for _, names in CPU_PACKED_MATRICES:
                 for name in names:
