@@ -492,3 +492,20 @@ def test_command_line_quantizes_and_loads(tmp_path, capsys, caplog):
     assert main(["generate", "--model", str(out), "--prompt", "a cat", "--dtype", "int4", "--device", "cpu",
                  "--out", str(tmp_path / "images")]) == 2
     assert "holds int8 weights" in caplog.text
+
+
+def test_command_line_keeps_lm_head_and_embeddings_when_asked(tmp_path):
+    from janus_core.cli import main
+
+    out = tmp_path / "int4"
+    assert main(["quantize", "--model", str(PRO_TINY), "--dtype", "int4", "--out", str(out), "--keep-lm-head",
+                 "--keep-embeddings"]) == 0
+    record = read_quantization(out)
+    assert not record.lm_head and not record.embeddings
+    model = janus_core.load_model(out, device="cpu", dtype=torch.bfloat16)
+    assert model.net.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert isinstance(model.net.language_model.model.embed_tokens, nn.Embedding)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(PRO_TINY / "model.safetensors"))["language_model.model.embed_tokens.weight"]
+    assert torch.equal(model.net.language_model.model.embed_tokens.weight, stored.bfloat16())
