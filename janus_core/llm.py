@@ -346,7 +346,7 @@ def pack_projections(lm: nn.Module) -> int:
 CPU_PACKED_ATTR = "_janus_cpu_packed"
 # Which modules each packed matrix stands for (joined matrices: their rows in this order).
 CPU_PACKED_MATRICES = (("qkv", PACKED_GROUPS[0]), ("o", ("self_attn.o_proj",)), ("gate_up", PACKED_GROUPS[1]),
-                   ("down", ("mlp.down_proj",)))
+                       ("down", ("mlp.down_proj",)))
 
 
 def cpu_pack_layers(lm: nn.Module) -> int:
