@@ -44,8 +44,11 @@ DEQUANTIZE = "dequantize-then-matmul"
 CPU_INT4 = "cpu-int4"
 TILED_INT4 = "tiled-int4"
 
-# Weight elements dequantized per chunk of the dequantize-then-matmul path (8-16 MiB in bf16 / fp32: the L3 cache).
+# Weight elements dequantized per chunk of the dequantize-then-matmul path: 8 MiB in bf16 / fp16; float32 chunks
+# (CPUs that emulate bf16) 4 MiB, as the bf16 matmuls' float32-chunk form (int8 at 32 rows on AVX2 kernels: 9.4 ms
+# per 11264 x 2048 layer in 4 MiB chunks, 11.9 in 16 MiB ones; in bf16 8 MiB beat 2 MiB, 2.95 vs 3.63 ms).
 DEQUANT_CHUNK = 1 << 22
+DEQUANT_CHUNK_FP32 = 1 << 20
 # Weight elements packed per call of the CPU int4 packing op (its int32 input: 32 MiB).
 PACK_CHUNK = 1 << 23
 # Self-check probe: a matrix every kernel accepts (rows a multiple of 64, two int4 groups of 128) and its rows.
@@ -273,11 +276,12 @@ def join(parts: tuple[QuantizedWeight | WeightRows, ...]) -> QuantizedWeight | N
     return first.parent if offset == first.parent.shape[0] else None
 
 
-def _block_rows(w: QuantizedWeight) -> int:
-    """Weight rows per dequantized chunk (whole CPU int4 blocks, so that chunks unpack on their own)."""
+def _block_rows(w: QuantizedWeight, elements: int) -> int:
+    """Weight rows per dequantized chunk of about ``elements`` values (whole CPU int4 blocks, so that chunks
+    unpack on their own)."""
     blocks = cpu_int4_blocks() if w.layout == CPU_INT4 else None
     align = blocks[0] if blocks else 1
-    return max(align, DEQUANT_CHUNK // w.shape[1] // align * align)
+    return max(align, elements // w.shape[1] // align * align)
 
 
 def _dequantized_matmul(x: torch.Tensor, w: QuantizedWeight, cpu_class: str | None) -> torch.Tensor:
@@ -300,7 +304,7 @@ def _dequantized_matmul(x: torch.Tensor, w: QuantizedWeight, cpu_class: str | No
     by_row = form == precision.X_WT
     xw = x.to(work)
     out = torch.empty((rows, n) if by_row else (n, rows), dtype=work, device=x.device)
-    step = _block_rows(w)
+    step = _block_rows(w, DEQUANT_CHUNK_FP32 if work == torch.float32 else DEQUANT_CHUNK)
     buffer = torch.empty(min(step, n), k, dtype=work, device=x.device)
     for first in range(0, n, step):
         span = slice(first, min(first + step, n))
