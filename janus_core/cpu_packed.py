@@ -49,11 +49,6 @@ class PackedWeight:
 
     packed: torch.Tensor
     shape: tuple[int, int]
-    dtype: torch.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
 
     def dense(self) -> torch.Tensor:
         """The plain ``[out, in]`` weight (a new tensor)."""
@@ -63,7 +58,7 @@ class PackedWeight:
 def pack(weight: torch.Tensor) -> PackedWeight:
     """Pack the plain CPU ``weight [N, K]`` (only where :func:`can_pack` said yes for its dtype)."""
     reorder, _ = _ops()
-    return PackedWeight(reorder(weight.contiguous(), ROWS_HINT), (weight.shape[0], weight.shape[1]), weight.dtype)
+    return PackedWeight(reorder(weight.contiguous(), ROWS_HINT), (weight.shape[0], weight.shape[1]))
 
 
 def matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:

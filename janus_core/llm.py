@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 COMPILE_ENV = "JANUS_COMPILE"
 # Devices whose scaled_dot_product_attention kernels never materialise the attention scores (memory estimates).
 FUSED_ATTENTION_DEVICES = ("cpu", "cuda")
-# Elements of float32 weight converted per matmul in the float32-chunks form (4 MiB: stays in the L2 / L3 cache).
-FP32_CHUNK_ELEMENTS = 1 << 20
 
 
 class Scratch:
@@ -92,11 +90,10 @@ def work_buffer_bytes(spec: LlamaSpec, rows: int, tokens: int, dtype: torch.dtyp
     norm_f32 = 0 if dtype == torch.float32 else 4 * hidden
     n = rows * tokens
     total = n * (elements * dtype.itemsize + norm_f32)
-    if device_type == "cpu" and cpu_class is None:
-        cpu_class = precision.local_cpu_class()
-    if precision.matmul_form(dtype, n, device_type, cpu_class) == precision.FP32_CHUNKS:
+    form = precision.matmul_form(dtype, n, device_type, precision.cpu_class_for(device_type, cpu_class))
+    if form == precision.FP32_CHUNKS:
         inputs, outputs = hidden + inter, (q + 2 * kv) + hidden + 2 * inter
-        total += 4 * (n * (inputs + outputs) + max(FP32_CHUNK_ELEMENTS, hidden, inter))
+        total += 4 * (n * (inputs + outputs) + max(precision.FP32_CHUNK_ELEMENTS, hidden, inter))
     return total
 
 
@@ -222,9 +219,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None
     if not isinstance(weight, torch.Tensor):  # a weight-only quantized weight (janus_core.quant)
         return quantized_matmul(x2d, weight, cpu_class).view(*x.shape[:-1], n)
     device = weight.device.type
-    if device == "cpu" and cpu_class is None:
-        cpu_class = precision.local_cpu_class()
-    form = precision.matmul_form(weight.dtype, rows, device, cpu_class)
+    form = precision.matmul_form(weight.dtype, rows, device, precision.cpu_class_for(device, cpu_class))
     if form == precision.W_XT:
         out = torch.mm(weight, x2d.t(), out=_empty(scratch, name, (n, rows), x)).t()
     elif form == precision.FP32_CHUNKS:
@@ -236,12 +231,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None = None
 
 def _fp32_chunks(x2d: torch.Tensor, weight: torch.Tensor, scratch: Scratch | None, name: str) -> torch.Tensor:
     """``weight @ x2d.T`` ``[N, rows]`` in ``x2d``'s dtype, computed in float32: the weight is converted
-    :data:`FP32_CHUNK_ELEMENTS` at a time into a reused buffer (for CPUs whose bf16 matmuls are emulated)."""
+    :data:`janus_core.precision.FP32_CHUNK_ELEMENTS` at a time into a reused buffer (for CPUs whose bf16 matmuls
+    are emulated)."""
     n, k = weight.shape
     x32 = _empty(scratch, f"x_f32_{k}", tuple(x2d.shape), x2d, torch.float32).copy_(x2d)
     out32 = _empty(scratch, f"{name}_f32", (n, x2d.shape[0]), x2d, torch.float32)
-    step = max(1, FP32_CHUNK_ELEMENTS // k)
-    buf = _empty(scratch, "w_f32", (max(FP32_CHUNK_ELEMENTS, k),), x2d, torch.float32)
+    step = max(1, precision.FP32_CHUNK_ELEMENTS // k)
+    buf = _empty(scratch, "w_f32", (max(precision.FP32_CHUNK_ELEMENTS, k),), x2d, torch.float32)
     for i in range(0, n, step):
         m = min(step, n - i)
         w32 = buf[: m * k].view(m, k).copy_(weight[i:i + m])

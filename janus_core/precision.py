@@ -56,6 +56,9 @@ NATIVE_X_WT_ROWS = 16  # native-bf16: x @ weight.T up to this many rows, then we
 NATIVE_W_XT_ROWS = 256  # ... up to this many
 EMULATED_BF16_ROWS = 4  # emulated-bf16: bf16 kernels up to this many rows, float32 chunks above
 FP32_W_XT_ROWS = 1024  # float32: weight @ x.T up to this many rows
+# Elements of weight converted to float32 per matmul in the float32-chunks form, and per chunk when quantized
+# weights are dequantized to float32 (4 MiB: stays in the L2 / L3 cache).
+FP32_CHUNK_ELEMENTS = 1 << 20
 
 # oneDNN's ISA levels in increasing order (values of ONEDNN_MAX_CPU_ISA, which caps what oneDNN dispatches).
 _ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
@@ -175,6 +178,14 @@ def local_cpu_caps() -> CpuCaps:
 def local_cpu_class() -> str:
     """This machine's :func:`bf16_class`, once per process."""
     return bf16_class(local_cpu_caps())
+
+
+def cpu_class_for(device_type: str, cpu_class: str | None = None) -> str | None:
+    """``cpu_class`` if given, else this machine's :func:`local_cpu_class` for a CPU device (None for others):
+    what the pure ``*_form`` functions below need for ``device_type``."""
+    if device_type == "cpu" and cpu_class is None:
+        return local_cpu_class()
+    return cpu_class
 
 
 @dataclass(frozen=True)
@@ -333,7 +344,7 @@ def matmul_form(dtype: torch.dtype, rows: int, device_type: str = "cpu", cpu_cla
     return X_WT if rows <= EMULATED_BF16_ROWS else FP32_CHUNKS
 
 
-__all__ = ["AMX", "COMPONENTS", "DIRECT", "EMULATED", "FP32_CHUNKS", "FP32_ROWS", "NATIVE", "SDPA", "WINOGRAD", "W_XT",
-           "X_WT", "CpuCaps", "Precision", "attention_form", "bf16_class", "choose_precision", "conv_form",
-           "local_cpu_caps", "local_cpu_class", "matmul_form", "nnpack_available", "precision_for", "probe_cpu",
-           "slow_choices"]
+__all__ = ["AMX", "COMPONENTS", "DIRECT", "EMULATED", "FP32_CHUNKS", "FP32_CHUNK_ELEMENTS", "FP32_ROWS", "NATIVE",
+           "SDPA", "WINOGRAD", "W_XT", "X_WT", "CpuCaps", "Precision", "attention_form", "bf16_class",
+           "choose_precision", "conv_form", "cpu_class_for", "local_cpu_caps", "local_cpu_class", "matmul_form",
+           "nnpack_available", "precision_for", "probe_cpu", "slow_choices"]

@@ -8,7 +8,6 @@ import janus_core
 from janus_core import precision
 from janus_core.generate_ar import build_cfg_pair, cfg_logit_steps
 from janus_core.llm import (
-    FP32_CHUNK_ELEMENTS,
     RotaryTable,
     Scratch,
     _attend_rows_fp32,
@@ -60,7 +59,7 @@ def test_linear_every_form(monkeypatch, cpu_class, dtype, rows):
     monkeypatch.setattr(precision, "local_cpu_class", lambda: cpu_class)
     gen = torch.Generator().manual_seed(rows)
     # more weight rows than one float32 chunk holds, so the chunked form runs several chunks and a partial one
-    n = FP32_CHUNK_ELEMENTS // 96 * 2 + 7 if rows == 5 else 40
+    n = precision.FP32_CHUNK_ELEMENTS // 96 * 2 + 7 if rows == 5 else 40
     x = torch.randn(rows, 1, 96, generator=gen).to(dtype)
     w = torch.randn(n, 96, generator=gen).to(dtype)
     out = linear(x, w)

@@ -44,11 +44,10 @@ DEQUANTIZE = "dequantize-then-matmul"
 CPU_INT4 = "cpu-int4"
 TILED_INT4 = "tiled-int4"
 
-# Weight elements dequantized per chunk of the dequantize-then-matmul path: 8 MiB in bf16 / fp16; float32 chunks
-# (CPUs that emulate bf16) 4 MiB, as the bf16 matmuls' float32-chunk form (int8 at 32 rows on AVX2 kernels: 9.4 ms
-# per 11264 x 2048 layer in 4 MiB chunks, 11.9 in 16 MiB ones; in bf16 8 MiB beat 2 MiB, 2.95 vs 3.63 ms).
+# Weight elements dequantized per chunk of the dequantize-then-matmul path in bf16 / fp16 (8 MiB; float32 chunks,
+# on CPUs that emulate bf16, use precision.FP32_CHUNK_ELEMENTS: int8 at 32 rows on AVX2 kernels 9.4 ms per
+# 11264 x 2048 layer in 4 MiB chunks, 11.9 in 16 MiB ones; in bf16 8 MiB beat 2 MiB, 2.95 vs 3.63 ms).
 DEQUANT_CHUNK = 1 << 22
-DEQUANT_CHUNK_FP32 = 1 << 20
 # Weight elements packed per call of the CPU int4 packing op (its int32 input: 32 MiB).
 PACK_CHUNK = 1 << 23
 # Self-check probe: a matrix every kernel accepts (rows a multiple of 64, two int4 groups of 128) and its rows.
@@ -304,7 +303,7 @@ def _dequantized_matmul(x: torch.Tensor, w: QuantizedWeight, cpu_class: str | No
     by_row = form == precision.X_WT
     xw = x.to(work)
     out = torch.empty((rows, n) if by_row else (n, rows), dtype=work, device=x.device)
-    step = _block_rows(w, DEQUANT_CHUNK_FP32 if work == torch.float32 else DEQUANT_CHUNK)
+    step = _block_rows(w, precision.FP32_CHUNK_ELEMENTS if work == torch.float32 else DEQUANT_CHUNK)
     buffer = torch.empty(min(step, n), k, dtype=work, device=x.device)
     for first in range(0, n, step):
         span = slice(first, min(first + step, n))
@@ -328,9 +327,7 @@ def matmul(x: torch.Tensor, weight: QuantizedWeight | WeightRows, cpu_class: str
         return matmul(x, weight.parent, cpu_class)[:, weight.start:weight.stop]
     kernel = weight.kernel
     if (kernel is None or x.shape[0] > kernel.max_rows) and weight.readable():
-        if x.device.type == "cpu" and cpu_class is None:
-            cpu_class = precision.local_cpu_class()
-        return _dequantized_matmul(x, weight, cpu_class)
+        return _dequantized_matmul(x, weight, precision.cpu_class_for(x.device.type, cpu_class))
     if kernel is None:
         raise JanusError(f"internal: no way to multiply by a {weight.layout} {weight.mode} weight")
     return kernel.run(x.contiguous(), weight.qweight, weight.qscale, weight.group)
