@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import JanusError
+
 logger = logging.getLogger(__name__)
 
 # Rows oneDNN is told to expect when packing (the layout it picks serves every row count; 2 = one CFG pair).
@@ -55,15 +57,22 @@ class PackedWeight:
         return self.packed.to_dense()
 
 
+def _required_ops() -> tuple:
+    ops = _ops()
+    if ops is None:
+        raise JanusError("This torch has no oneDNN weight packing (torch.ops.mkldnn); check cpu_packed.can_pack first.")
+    return ops
+
+
 def pack(weight: torch.Tensor) -> PackedWeight:
     """Pack the plain CPU ``weight [N, K]`` (only where :func:`can_pack` said yes for its dtype)."""
-    reorder, _ = _ops()
+    reorder, _ = _required_ops()
     return PackedWeight(reorder(weight.contiguous(), ROWS_HINT), (weight.shape[0], weight.shape[1]))
 
 
 def matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     """``x [M, K] @ weight.T`` -> a new ``[M, N]`` tensor in ``x``'s dtype."""
-    _, run = _ops()
+    _, run = _required_ops()
     return run(x.contiguous(), weight.packed, None, "none", [], "")
 
 

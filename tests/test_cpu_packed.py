@@ -67,6 +67,8 @@ def test_only_bf16_is_packed():
 def test_a_torch_without_the_ops_does_not_pack(monkeypatch):
     monkeypatch.setattr(cpu_packed, "_ops", lambda: None)
     assert not cpu_packed.can_pack(torch.bfloat16)
+    with pytest.raises(JanusError, match="no oneDNN weight packing"):
+        cpu_packed.pack(torch.zeros(4, 4, dtype=torch.bfloat16))
 
 
 def test_a_cpu_onednn_refuses_does_not_pack(monkeypatch, caplog):
