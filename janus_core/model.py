@@ -142,10 +142,12 @@ class JanusModel:
         return self.net.language_model.model.embed_tokens.weight.device
 
     def to(self, device: torch.device | str) -> JanusModel:
-        """Move the weights to ``device`` (in place; returns self). Weights packed for the CPU's matmul are
-        unpacked first (:func:`janus_core.llm.cpu_unpack_layers`)."""
+        """Move the weights to ``device`` (in place; returns self). Weights packed for the CPU's matmuls are
+        unpacked first (:func:`janus_core.llm.cpu_unpack_layers`, :meth:`QuantWeights.unpack`)."""
         if torch.device(device) != self.device:
             cpu_unpack_layers(self.net.language_model)
+            for layer in quant_layers(self.net).values():
+                layer.unpack()
         self.net.to(device)
         self.pack_projections()
         return self

@@ -90,7 +90,7 @@ def quantized(mode: str, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> t
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 2, 8, 20, 65, 300])
+@pytest.mark.parametrize("rows", [1, 2, 8, 20, 65, 300, 400])
 def test_kernel_and_dequantized_path_equal_the_reference(mode, rows):
     """bf16 on the CPU: the kernel serves few rows, dequantize-then-matmul many; both equal x @ dequantized.T."""
     handle, reference = quantized(mode, 192, 256, torch.bfloat16)
@@ -150,7 +150,7 @@ def test_dequantized_matmul_asks_for_the_local_class_only_when_not_told(monkeypa
     handle, _ = quantized("int8", 192, 256, torch.bfloat16)
     asked = []
     monkeypatch.setattr(precision, "local_cpu_class", lambda: asked.append(1) or precision.EMULATED)
-    x = torch.randn(64, 256).bfloat16()
+    x = torch.randn(handle.kernel.max_rows + 1, 256).bfloat16()
     told = matmul(x, handle, precision.NATIVE)
     assert not asked
     assert torch.equal(matmul(x, handle), kernels._dequantized_matmul(x, handle, precision.EMULATED)) and asked

@@ -10,6 +10,9 @@ Kernels (``torch.ops.aten``, semantics checked on torch 2.13; the self-check re-
   (blocks of 64 rows on AVX-512, 32 on AVX2), so it is made at load, never stored. ``w = (q - 8) s + z``.
 * ``_weight_int4pack_mm(x bf16, tiled int32, group, scale_zeros)`` (CUDA sm80+, MPS): tiled by
   ``_convert_weight_to_int4pack(uint8 [N, K / 2] with the even input in the high nibble, inner_k_tiles)``.
+* :mod:`.onednn_int8` (CPU, preferred for int8): oneDNN's integer GEMM on a weight prepacked at load, the
+  activations split exactly into two 8-bit terms; right only where the CPU has VNNI or AMX (the self-check
+  tells), and there it beats bf16 at every decode batch.
 
 The kernels are fast for few rows (an AR decode step: 2 rows per image) and slow for many (on this
 project's 2-core AVX-512 CPU the int8 kernel costs 2x a bf16 matmul at 32 rows, and in float32 / float16
@@ -27,15 +30,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .. import precision
 from ..errors import JanusError
-from . import formats
+from . import formats, onednn_int8
 from .formats import INT4_OFFSET, int4_values
+from .onednn_int8 import PackedInt8
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,9 @@ PLAIN = "plain"
 DEQUANTIZE = "dequantize-then-matmul"
 CPU_INT4 = "cpu-int4"
 TILED_INT4 = "tiled-int4"
+ONEDNN_INT8 = "onednn-int8"
+# The kernel of janus_core.quant.onednn_int8 (not an aten op).
+ONEDNN_KERNEL = "onednn int8 GEMM (activations split in two terms)"
 
 # Weight elements dequantized per chunk of the dequantize-then-matmul path in bf16 / fp16 (8 MiB; float32 chunks,
 # on CPUs that emulate bf16, use precision.FP32_CHUNK_ELEMENTS: int8 at 32 rows on AVX2 kernels 9.4 ms per
@@ -75,7 +82,11 @@ class Kernel:
 
     @property
     def op(self) -> Callable[..., torch.Tensor] | None:
-        return None if self.name == DEQUANTIZE else _aten(self.name)
+        if self.name == DEQUANTIZE:
+            return None
+        if self.name == ONEDNN_KERNEL:
+            return onednn_int8.matmul if onednn_int8.available() else None
+        return _aten(self.name)
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         usable = self.name == DEQUANTIZE or self.op is not None
@@ -89,8 +100,11 @@ class Kernel:
             return out_features % 8 == 0 and in_features % 32 == 0
         return True
 
-    def run(self, x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor, group: int) -> torch.Tensor:
+    def run(self, x: torch.Tensor, qweight: torch.Tensor | PackedInt8, qscale: torch.Tensor, group: int
+            ) -> torch.Tensor:
         """``x [M, K]`` times the weight in this kernel's layout -> ``[M, N]`` in ``x``'s dtype."""
+        if self.layout == ONEDNN_INT8:
+            return self.op(x, qweight)  # the packed weight holds its scales
         if self.mode == "int8":
             return self.op(x, qweight, qscale)
         return self.op(x, qweight, group, qscale)
@@ -100,6 +114,7 @@ class Kernel:
 # 10-40x slower than dequantize-then-matmul on the machines measured, which is therefore chosen there (the
 # entries without a name). max_rows: measured by bench/quant.py.
 KERNELS = (
+    Kernel(ONEDNN_KERNEL, "int8", ONEDNN_INT8, ("cpu",), (torch.bfloat16, torch.float16, torch.float32), 384),
     Kernel("_weight_int8pack_mm", "int8", PLAIN, ("cpu",), (torch.bfloat16,), 8),
     Kernel("_weight_int4pack_mm_for_cpu", "int4", CPU_INT4, ("cpu",), (torch.bfloat16,), 256),
     Kernel(DEQUANTIZE, "int8", PLAIN, ("cpu",), (torch.float16, torch.float32), 0),
@@ -184,10 +199,12 @@ def _pack_cpu_int4(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def pack(qweight: torch.Tensor, qscale: torch.Tensor, mode: str, layout: str, dtype: torch.dtype
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+         ) -> tuple[torch.Tensor | PackedInt8, torch.Tensor]:
     """Canonical ``qweight`` / ``qscale`` (on the target device) -> the tensors of ``layout``, scales in ``dtype``."""
     if layout == PLAIN:
         return qweight, qscale.to(dtype)
+    if layout == ONEDNN_INT8:
+        return onednn_int8.pack(qweight, qscale), qscale.to(dtype)
     scale_zeros = qscale.to(dtype).transpose(0, 1).contiguous()  # [K / g, N, 2]
     if layout == CPU_INT4:
         packed = _pack_cpu_int4(qweight)
@@ -201,7 +218,7 @@ class QuantizedWeight:
     """A quantized ``[out_features, in_features]`` weight as a matmul needs it: tensors in ``layout``, the kernel
     chosen for them (None: dequantize-then-matmul only) and the int4 ``group``."""
 
-    qweight: torch.Tensor
+    qweight: torch.Tensor | PackedInt8
     qscale: torch.Tensor
     mode: str
     layout: str
@@ -230,7 +247,8 @@ class QuantizedWeight:
 
     def dequantize_rows(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
         """Weight rows ``rows`` into ``out [len(rows), K]`` (its dtype; int8 values without their scale, see
-        :func:`_dequantized_matmul`). Only for :meth:`readable` layouts."""
+        :func:`_dequantized_matmul`). Only for :meth:`readable` layouts other than the oneDNN int8 one (see
+        :func:`_dequantized_chunks`)."""
         k = self.shape[1]
         if self.mode == "int8":
             return out.copy_(self.qweight[rows])
@@ -283,6 +301,24 @@ def _block_rows(w: QuantizedWeight, elements: int) -> int:
     return max(align, elements // w.shape[1] // align * align)
 
 
+def _dequantized_chunks(w: QuantizedWeight, step: int, dtype: torch.dtype
+                        ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, their weights [len(rows), K] in dtype)`` for consecutive spans of ``step`` rows, dequantized into
+    one reused buffer (int8: without the scale). The oneDNN int8 layout reads back as ``[K, N]``, so its chunks are
+    column blocks of that, used transposed (transposing the whole matrix costs 3x more)."""
+    n, k = w.shape
+    spans = [slice(first, min(first + step, n)) for first in range(0, n, step)]
+    if w.layout == ONEDNN_INT8:
+        transposed = w.qweight.weight.to_dense()
+        buffer = torch.empty(k, min(step, n), dtype=dtype, device=w.device)
+        for span in spans:
+            yield span, buffer[:, : span.stop - span.start].copy_(transposed[:, span]).t()
+        return
+    buffer = torch.empty(min(step, n), k, dtype=dtype, device=w.device)
+    for span in spans:
+        yield span, w.dequantize_rows(span, buffer[: span.stop - span.start])
+
+
 def _dequantized_matmul(x: torch.Tensor, w: QuantizedWeight, cpu_class: str | None) -> torch.Tensor:
     """``x [M, K] @ w.T`` ``[M, N]`` in ``x``'s dtype by dequantizing ``w`` chunk by chunk into one reused buffer
     (never a whole copy of the layer). ``w`` must be :meth:`~QuantizedWeight.readable`.
@@ -304,10 +340,7 @@ def _dequantized_matmul(x: torch.Tensor, w: QuantizedWeight, cpu_class: str | No
     xw = x.to(work)
     out = torch.empty((rows, n) if by_row else (n, rows), dtype=work, device=x.device)
     step = _block_rows(w, precision.FP32_CHUNK_ELEMENTS if work == torch.float32 else DEQUANT_CHUNK)
-    buffer = torch.empty(min(step, n), k, dtype=work, device=x.device)
-    for first in range(0, n, step):
-        span = slice(first, min(first + step, n))
-        chunk = w.dequantize_rows(span, buffer[: span.stop - first])
+    for span, chunk in _dequantized_chunks(w, step, work):
         if by_row:
             torch.mm(xw, chunk.t(), out=out[:, span])
         else:
@@ -338,7 +371,11 @@ def _self_check(kernel: Kernel, device: torch.device, dtype: torch.dtype) -> str
     gen = torch.Generator().manual_seed(0)
     n, k = PROBE_SHAPE
     weight = torch.randn(n, k, generator=gen) * 0.02
-    x = torch.randn(PROBE_ROWS, k, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(PROBE_ROWS, k, generator=gen)
+    # Largest products everywhere in one output: integer kernels that add byte products in saturating 16 bits
+    # (oneDNN's int8 GEMM without VNNI) cannot get it right.
+    weight[0], x[0] = 0.02, 1.0
+    x = x.to(device=device, dtype=dtype)
     qweight, qscale = formats.quantize(weight, kernel.mode)
     group = formats.group_size(kernel.mode, k)
     reference = x.float() @ formats.dequantize(qweight, qscale, kernel.mode).to(device).t()

@@ -11,7 +11,10 @@ encoder / decoder.
 
 The quantized tensors are ``nn.Parameter`` s (integer ones never need gradients), so ``state_dict``, ``.to()``
 and ComfyUI's model patcher (which sizes a model from its state dict and moves it module by module) count
-and move them like any other weight.
+and move them like any other weight. The one exception is the oneDNN int8 layout (:mod:`.onednn_int8`): its
+prepacked weight is opaque, kept as the plain attribute ``packed``, and ``qweight`` is a stand-in of the right
+shape and dtype holding no memory (as :mod:`janus_core.cpu_packed` does for bf16), so sizes stay right;
+:meth:`QuantWeights.unpack` restores the values before the weights move to another device.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..cpu_packed import stand_in
 from ..errors import CheckpointError
 from ..llm import PACKED_GROUPS
-from . import formats
-from .kernels import PLAIN, Kernel, QuantizedWeight, WeightRows, kernel_for, matmul, pack
+from . import formats, onednn_int8
+from .kernels import ONEDNN_INT8, PLAIN, Kernel, QuantizedWeight, WeightRows, kernel_for, matmul, pack
 
 # The joined layer that replaces each PACKED_GROUPS group, by the group's parent module.
 JOINED_NAMES = {"self_attn": "qkv_proj", "mlp": "gate_up_proj"}
@@ -51,17 +55,29 @@ class QuantWeights(nn.Module):
         self.qscale = nn.Parameter(torch.empty(shapes["qscale"][0], dtype=shapes["qscale"][1]), requires_grad=False)
         self.layout = PLAIN
         self.kernel: Kernel | None = None
+        self.packed: onednn_int8.PackedInt8 | None = None  # the oneDNN int8 layout's weight (qweight: a stand-in)
 
     @property
     def weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.qscale, self.mode, self.layout, self.kernel, self.group,
+        qweight = self.packed if self.packed is not None else self.qweight
+        return QuantizedWeight(qweight, self.qscale, self.mode, self.layout, self.kernel, self.group,
                                (self.out_features, self.in_features))
 
-    def set_weight(self, qweight: torch.Tensor, qscale: torch.Tensor, layout: str, kernel: Kernel | None) -> None:
+    def set_weight(self, qweight: torch.Tensor | onednn_int8.PackedInt8, qscale: torch.Tensor, layout: str,
+                   kernel: Kernel | None) -> None:
         """Install tensors of ``layout`` (made by :func:`janus_core.quant.kernels.pack`) and the kernel reading them."""
+        self.packed = qweight if layout == ONEDNN_INT8 else None
+        if self.packed is not None:
+            qweight = stand_in((self.out_features, self.in_features), torch.int8)
         self.qweight = nn.Parameter(qweight, requires_grad=False)
         self.qscale = nn.Parameter(qscale, requires_grad=False)
         self.layout, self.kernel = layout, kernel
+
+    def unpack(self) -> None:
+        """Back to the canonical layout on the CPU if the weight is in the oneDNN int8 one (before the parameters
+        move to another device, or are read); a no-op otherwise."""
+        if self.packed is not None:
+            self.set_weight(onednn_int8.unpack(self.packed), self.qscale.data, PLAIN, None)
 
     def prepare(self, dtype: torch.dtype, *, fallback: bool = True) -> None:
         """Make the weights ready to compute in ``dtype`` on the device they are on (here: the scales' dtype)."""
@@ -98,6 +114,8 @@ class QuantLinear(QuantWeights):
             super().prepare(dtype)
             self.kernel = kernel
             return
+        if self.packed is not None:  # the parameters were moved without unpack(): the values are still here
+            self.set_weight(onednn_int8.unpack(self.packed).to(device), self.qscale.data, PLAIN, None)
         if self.layout != PLAIN:
             raise CheckpointError(
                 f"These int4 weights were packed for the {self.layout} kernel and cannot run on {device}: load "

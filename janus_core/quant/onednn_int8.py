@@ -1,0 +1,90 @@
+"""int8 weights multiplied by oneDNN's integer GEMM (x86 CPUs with VNNI or AMX), the activations split exactly.
+
+The weight stays weight-only quantized: the activations are not rounded to 8 bits. Each row ``x [K]`` with
+``s = max |x| / 127`` is written as ``s (a + b / 254)`` with the integers ``a = round(x / s)`` and
+``b = round(254 (x / s - a))``, both in -127..127; the difference to ``x`` is at most ``s / 508 =
+max |x| / 64516``, below bf16's own rounding of a row's larger entries (2^-9 relative). Both terms go through one
+GEMM as ``2 M`` rows of unsigned bytes (zero point 128) against the weight prepacked by oneDNN at load: int32
+sums, scaled per output channel inside the GEMM, then ``y = s (y_a + y_b / 254)``.
+
+With VNNI (``vpdpbusd``, AVX-512 or AVX-VNNI) or AMX the byte products accumulate exactly in int32 and one
+instruction does twice the multiply-adds of a bf16 one, so the doubled rows cost about what bf16 costs, while
+the weight read per step is halved (docs/PERFORMANCE.md). Without VNNI oneDNN adds byte pairs in saturating
+int16 and the result is wrong; the load-time self-check (:func:`janus_core.quant.kernels.kernel_for`) sees that
+and picks another kernel.
+
+A prepacked weight is an opaque oneDNN tensor of ``N K`` bytes reporting shape ``[K, N]``; :func:`unpack` gives
+the canonical ``[N, K]`` int8 values back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+ZERO_POINT = 128
+# The second term's step relative to the first's (b in -127..127 covers a's rounding error of +-0.5).
+SPLIT = 254.0
+
+
+def _ops() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None:
+    onednn = getattr(torch.ops, "onednn", None)
+    prepack = getattr(onednn, "qlinear_prepack", None)
+    run = getattr(onednn, "qlinear_pointwise", None)
+    if prepack is None or run is None or not torch.backends.mkldnn.is_available():
+        return None
+    return prepack, run
+
+
+def available() -> bool:
+    """Whether this torch has the oneDNN int8 ops (whether they are right on this CPU is the self-check's call)."""
+    return _ops() is not None
+
+
+@dataclass(frozen=True)
+class PackedInt8:
+    """An int8 ``[N, K]`` weight as the GEMM reads it: oneDNN's prepacked (opaque) values, the per-output-channel
+    scales in float32 and the (zero) weight zero points."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_points: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale.device
+
+
+def pack(qweight: torch.Tensor, qscale: torch.Tensor) -> PackedInt8:
+    """Canonical int8 ``qweight [N, K]`` and ``qscale [N]`` on the CPU -> :class:`PackedInt8`."""
+    prepack, _ = _ops()
+    scale = qscale.float()
+    return PackedInt8(prepack(qweight.contiguous(), None), scale, torch.zeros(scale.shape, dtype=torch.int32))
+
+
+def unpack(packed: PackedInt8) -> torch.Tensor:
+    """The canonical int8 ``[N, K]`` values of a :func:`pack` ed weight (a new tensor)."""
+    return packed.weight.to_dense().t().contiguous()
+
+
+def split_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` -> (uint8 ``[2 M, K]``: the terms ``a`` then ``b`` of every row plus the zero point, float32
+    row scales ``s [M, 1]``), see the module docstring."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127.0
+    t = xf / scale  # a new tensor: x.float() may be x itself
+    a = t.round()
+    b = t.sub_(a).mul_(SPLIT).round_()
+    return torch.cat([a, b]).add_(ZERO_POINT).to(torch.uint8), scale
+
+
+def matmul(x: torch.Tensor, packed: PackedInt8) -> torch.Tensor:
+    """``x [M, K] @ (qweight * scale[:, None]).T`` -> ``[M, N]`` in ``x``'s dtype."""
+    _, run = _ops()
+    rows = x.shape[0]
+    terms, row_scale = split_rows(x)
+    y = run(terms, 1.0, ZERO_POINT, packed.weight, packed.scale, packed.zero_points, None, 1.0, 0, torch.float32,
+            "none", [], "")
+    return y[rows:].div_(SPLIT).add_(y[:rows]).mul_(row_scale).to(x.dtype)
