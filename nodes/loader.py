@@ -138,9 +138,11 @@ class DSJanusModelLoader:
                                        "for the device (bf16 on GPUs and CPUs with bf16 instructions, fp16 on "
                                        "older GPUs with the VQ decoder in fp32, fp32 convolutions on CPUs that "
                                        "emulate bf16). int8 / int4: the language model and image-token head "
-                                       "quantized (weight-only; about 55% / 35% of the bf16 memory for 7B, "
-                                       "faster at batch 1, slightly lower quality), the rest as auto. A "
-                                       "quantized folder loads in its own precision with auto."}),
+                                       "quantized (weight-only), the rest as auto. int8: about 55% of the bf16 "
+                                       "memory for 7B, small quality cost, decodes faster than bf16 on most "
+                                       "CPUs. int4: about 35%, visible quality cost, faster at batch 1 but "
+                                       "slower than bf16 at large batches on CPUs. A quantized folder loads in "
+                                       "its own precision with auto."}),
                 "variant": (VARIANT_CHOICES, {"default": "auto", "tooltip": "Prompt roles. auto detects from "
                                               "the checkpoint; force janus-1.3b (User/Assistant) or janus-pro "
                                               "(<|User|>/<|Assistant|>) for renamed or re-uploaded copies."}),
