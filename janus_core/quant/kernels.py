@@ -10,20 +10,21 @@ Kernels (``torch.ops.aten``, semantics checked on torch 2.13; the self-check re-
   (blocks of 64 rows on AVX-512, 32 on AVX2), so it is made at load, never stored. ``w = (q - 8) s + z``.
 * ``_weight_int4pack_mm(x bf16, tiled int32, group, scale_zeros)`` (CUDA sm80+, MPS): tiled by
   ``_convert_weight_to_int4pack(uint8 [N, K / 2] with the even input in the high nibble, inner_k_tiles)``.
-* :mod:`.onednn_int8` (CPU, preferred for int8): oneDNN's integer GEMM on a weight prepacked at load, the
-  activations split exactly into two 8-bit terms; right only where the CPU has VNNI or AMX (the self-check
-  tells), and there it beats bf16 at every decode batch.
+* :func:`.onednn_int8.matmul` (CPU, tried first for int8): oneDNN's integer GEMM on a weight prepacked at load
+  (layout ``onednn-int8``), the activations split exactly into two 8-bit terms; right only where the CPU has VNNI
+  or AMX (the self-check tells), and there about as fast as bf16 at 32 rows and ~1.9x faster at 2.
 
-The kernels are fast for few rows (an AR decode step: 2 rows per image) and slow for many (on this
-project's 2-core AVX-512 CPU the int8 kernel costs 2x a bf16 matmul at 32 rows, and in float32 / float16
-40x): above :attr:`Kernel.max_rows` rows, and for dtypes a kernel does not serve well, the weight is
+torch's weight-only kernels are fast for few rows (an AR decode step: 2 rows per image) and slow for many (on
+this project's 2-core AVX-512 CPU ``_weight_int8pack_mm`` costs 2x a bf16 matmul at 32 rows, and in float32 /
+float16 40x); the oneDNN one loses from a few hundred rows, where its doubled rows cost more than converting the
+weights. Above :attr:`Kernel.max_rows` rows, and for dtypes a kernel does not serve well, the weight is
 dequantized in chunks that stay in the cache (never a whole bf16 copy of a layer) and multiplied with the
 dtype's ordinary matmul. That path is also the fallback where no kernel exists or the self-check fails.
 
 :func:`kernel_for` runs the self-check once per (device, mode, dtype): it quantizes a small random matrix,
 packs it as the kernel wants and compares the kernel's output with the dequantize-then-matmul result (a few
-milliseconds). A kernel that is missing, raises or disagrees is logged and replaced by the fallback, or
-refused (:class:`JanusError`) when the caller does not allow the fallback.
+milliseconds). A kernel that is missing, raises or disagrees is logged and the next one tried; when none is
+left, the fallback serves, or :class:`JanusError` is raised when the caller does not allow the fallback.
 """
 
 from __future__ import annotations
@@ -110,9 +111,10 @@ class Kernel:
         return self.op(x, qweight, group, qscale)
 
 
-# In order of preference per (device type, mode). CPU kernels serve bfloat16 only: in float16 / float32 they are
-# 10-40x slower than dequantize-then-matmul on the machines measured, which is therefore chosen there (the
-# entries without a name). max_rows: measured by bench/quant.py.
+# In order of preference per (device type, mode). torch's CPU kernels serve bfloat16 only: in float16 / float32
+# they are 10-40x slower than dequantize-then-matmul on the machines measured, which is therefore chosen there
+# (the DEQUANTIZE entries); the oneDNN int8 GEMM takes float32 activations whatever the dtype. max_rows: measured
+# by bench/quant.py (oneDNN int8, 11264 x 2048: 6.1 ms vs dequantizing 12 ms at 128 rows, 36 vs 33 ms at 512).
 KERNELS = (
     Kernel(ONEDNN_KERNEL, "int8", ONEDNN_INT8, ("cpu",), (torch.bfloat16, torch.float16, torch.float32), 384),
     Kernel("_weight_int8pack_mm", "int8", PLAIN, ("cpu",), (torch.bfloat16,), 8),
