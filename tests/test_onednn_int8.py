@@ -158,3 +158,15 @@ def test_float32_model_gives_the_dequantized_logits(monkeypatch):
     expect = teacher_forced_cfg_logits(without)
     # the split's error (1/64516 of each row's peak) through every layer and cfg 5: measured 2.3e-4
     assert float(((got - expect).norm(dim=-1) / expect.norm(dim=-1)).max()) < 1e-3
+
+
+@needs_kernel
+def test_non_finite_activations_stay_non_finite_in_their_row_only():
+    """An overflow upstream must not turn into finite garbage (bytes cannot hold inf / NaN; the row scale does)."""
+    qweight, qscale = formats.quantize(torch.randn(64, 128, generator=torch.Generator().manual_seed(3)) * 0.02, "int8")
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
+    x[0, 5], x[1, 7] = float("inf"), float("nan")
+    got = onednn_int8.matmul(x, onednn_int8.pack(qweight, qscale))
+    assert not torch.isfinite(got[0]).all() and not torch.isfinite(got[1]).all()
+    expect = x[2:].double() @ formats.dequantize(qweight, qscale, "int8").double().t()
+    assert float((got[2:].double() - expect).abs().max() / expect.abs().max()) < 1e-3
