@@ -74,11 +74,12 @@ class QuantWeights(nn.Module):
         self.qscale = nn.Parameter(qscale, requires_grad=False)
         self.layout, self.kernel = layout, kernel
 
-    def unpack(self) -> None:
-        """Back to the canonical layout on the CPU if the weight is in the oneDNN int8 one (before the parameters
-        move to another device, or are read); a no-op otherwise."""
+    def unpack(self, device: torch.device | None = None) -> None:
+        """Back to the canonical layout (on ``device``, default the CPU) if the weight is in the oneDNN int8 one:
+        before the parameters move to another device, or are read. A no-op otherwise."""
         if self.packed is not None:
-            self.set_weight(onednn_int8.unpack(self.packed), self.qscale.data, PLAIN, None)
+            qweight = onednn_int8.unpack(self.packed)
+            self.set_weight(qweight if device is None else qweight.to(device), self.qscale.data, PLAIN, None)
 
     def prepare(self, dtype: torch.dtype, *, fallback: bool = True) -> None:
         """Make the weights ready to compute in ``dtype`` on the device they are on (here: the scales' dtype)."""
@@ -115,15 +116,14 @@ class QuantLinear(QuantWeights):
             super().prepare(dtype)
             self.kernel = kernel
             return
-        if self.packed is not None:  # the parameters were moved without unpack(): the values are still here
-            self.set_weight(onednn_int8.unpack(self.packed).to(device), self.qscale.data, PLAIN, None)
+        self.unpack(device)  # parameters moved without unpack() first: the values are still in the packed copy
         if self.layout != PLAIN:
             raise CheckpointError(
                 f"These int4 weights were packed for the {self.layout} kernel and cannot run on {device}: load "
                 f"the model with device='{device}' (or load_model(compute_device='{device}')) instead of moving it."
             )
         self.set_weight(*pack(self.qweight.data, self.qscale.data, self.mode, target, dtype), target, kernel)
-        if device.type == "cpu":
+        if device.type == "cpu" and target != PLAIN:
             trim_heap()  # the canonical copy just freed: without this a 7B int8 load peaks 1 GB higher
 
 
