@@ -114,7 +114,8 @@ class Kernel:
 # In order of preference per (device type, mode). torch's CPU kernels serve bfloat16 only: in float16 / float32
 # they are 10-40x slower than dequantize-then-matmul on the machines measured, which is therefore chosen there
 # (the DEQUANTIZE entries); the oneDNN int8 GEMM takes float32 activations whatever the dtype. max_rows: measured
-# by bench/quant.py (oneDNN int8, 11264 x 2048: 6.1 ms vs dequantizing 12 ms at 128 rows, 36 vs 33 ms at 512).
+# by bench/quant.py (oneDNN int8 vs dequantizing its layout, 11264 x 2048 on AVX-512: 26 vs 30 ms at 384 rows,
+# 48 vs 37 ms at 512).
 KERNELS = (
     Kernel(ONEDNN_KERNEL, "int8", ONEDNN_INT8, ("cpu",), (torch.bfloat16, torch.float16, torch.float32), 384),
     Kernel("_weight_int8pack_mm", "int8", PLAIN, ("cpu",), (torch.bfloat16,), 8),
