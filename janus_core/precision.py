@@ -65,8 +65,8 @@ _ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE
                 "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX",
                 "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16")
 # /proc/cpuinfo flags worth reporting with a benchmark table.
-REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
-                  "asimd", "bf16", "sve", "sve2", "svebf16")
+REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                  "amx_bf16", "amx_int8", "asimd", "bf16", "sve", "sve2", "svebf16")
 
 COMPONENTS = ("llm", "gen_head", "vq", "vision", "flow", "vae")
 _LABELS = {"llm": "the language model", "gen_head": "the image-token head", "vq": "the VQ image decoder",
@@ -80,7 +80,8 @@ class CpuCaps:
     ``capability``: torch's kernel level (``torch.backends.cpu.get_cpu_capability()``; honours
     ``ATEN_CPU_CAPABILITY``). ``avx512_bf16`` / ``amx_bf16``: the instructions exist (x86).
     ``arm_bf16``: the ARM BF16 extension exists. ``onednn_bf16``: oneDNN runs bf16 kernels (natively or
-    converting). ``onednn_isa_limit``: ``ONEDNN_MAX_CPU_ISA`` ("" when unset).
+    converting). ``onednn_isa_limit``: ``ONEDNN_MAX_CPU_ISA`` ("" when unset). ``avx512_vnni`` / ``avx_vnni`` /
+    ``amx_int8``: x86 byte dot-product instructions exist (see :func:`int8_dot_product`).
     """
 
     model: str = "?"
@@ -92,6 +93,9 @@ class CpuCaps:
     onednn_bf16: bool = False
     onednn_isa_limit: str = ""
     flags: tuple[str, ...] = ()
+    avx512_vnni: bool = False
+    avx_vnni: bool = False
+    amx_int8: bool = False
 
     def describe(self) -> str:
         """One line for logs and benchmark tables: model, class, torch capability, relevant flags."""
@@ -120,6 +124,18 @@ def bf16_class(caps: CpuCaps) -> str:
     if caps.amx_bf16 and _onednn_allows(caps.onednn_isa_limit, "AVX512_CORE_AMX"):
         return AMX
     return NATIVE
+
+
+def int8_dot_product(caps: CpuCaps) -> bool:
+    """Whether oneDNN multiplies bytes with VNNI or AMX here (x86; within ``ONEDNN_MAX_CPU_ISA``). Without them
+    its int8 GEMM adds byte products in saturating 16-bit sums (wrong results); on other architectures it may
+    run a slow reference path. Decides :mod:`janus_core.quant.onednn_int8`."""
+    if caps.arch.lower() not in ("x86_64", "amd64"):
+        return False
+    limit = caps.onednn_isa_limit
+    return ((caps.avx512_vnni and _onednn_allows(limit, "AVX512_CORE_VNNI"))
+            or (caps.avx_vnni and _onednn_allows(limit, "AVX2_VNNI"))
+            or (caps.amx_int8 and _onednn_allows(limit, "AVX512_CORE_AMX")))
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -163,6 +179,9 @@ def probe_cpu() -> CpuCaps:
         arm_bf16="bf16" in flags, onednn_bf16=onednn_bf16,
         onednn_isa_limit=os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
         flags=tuple(f for f in REPORTED_FLAGS if f in flags),
+        avx512_vnni="avx512_vnni" in flags or (not flags and torch_probe("_is_vnni_supported")),
+        avx_vnni="avx_vnni" in flags,
+        amx_int8="amx_int8" in flags or (not flags and torch_probe("_is_amx_tile_supported")),
     )
 
 

@@ -41,8 +41,9 @@ from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, golden
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 SAPPHIRE_RAPIDS = CpuCaps("Intel Xeon Platinum 8481C", "x86_64", "AVX512", avx512_bf16=True, amx_bf16=True,
-                          onednn_bf16=True)
-ZEN4 = CpuCaps("AMD EPYC 9R14", "x86_64", "AVX512", avx512_bf16=True, onednn_bf16=True)
+                          onednn_bf16=True, avx512_vnni=True, amx_int8=True)
+ZEN4 = CpuCaps("AMD EPYC 9R14", "x86_64", "AVX512", avx512_bf16=True, onednn_bf16=True, avx512_vnni=True)
+ALDER_LAKE = CpuCaps("12th Gen Intel Core i7-12700", "x86_64", "AVX2", avx_vnni=True)
 ZEN3 = CpuCaps("AMD EPYC 7R13", "x86_64", "AVX2")
 SKYLAKE_X = CpuCaps("Intel Xeon Gold 6148", "x86_64", "AVX512", onednn_bf16=True)  # AVX-512, no bf16 instructions
 GRAVITON3 = CpuCaps("Neoverse-V1", "aarch64", "SVE256", arm_bf16=True, onednn_bf16=True)
@@ -68,12 +69,30 @@ def test_bf16_class(caps, expected):
     assert expected in caps.describe() and caps.model in caps.describe()
 
 
+@pytest.mark.parametrize(("caps", "expected"), [
+    (SAPPHIRE_RAPIDS, True),
+    (replace(SAPPHIRE_RAPIDS, avx512_vnni=False, onednn_isa_limit="AVX512_CORE_BF16"), False),  # AMX capped away
+    (ZEN4, True),
+    (replace(ZEN4, onednn_isa_limit="AVX2_VNNI"), False),  # AVX-512 VNNI capped away, no AVX-VNNI
+    (replace(ZEN4, onednn_isa_limit="AVX2"), False),
+    (ALDER_LAKE, True),
+    (replace(ALDER_LAKE, onednn_isa_limit="AVX2"), False),
+    (ZEN3, False),
+    (SKYLAKE_X, False),
+    (replace(GRAVITON3, avx512_vnni=True), False),  # not x86: oneDNN's int8 GEMM is not used there
+    (APPLE_M1, False),
+])
+def test_int8_dot_product(caps, expected):
+    assert precision.int8_dot_product(caps) is expected
+
+
 def test_probe_reads_this_machine(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     caps = probe_cpu()
     assert caps.onednn_isa_limit == "AVX2"
     assert caps.capability == torch.backends.cpu.get_cpu_capability()
     assert bf16_class(caps) == EMULATED  # whatever the hardware: oneDNN may not use more than AVX2
+    assert not precision.int8_dot_product(caps)
     assert all(f in precision.REPORTED_FLAGS for f in caps.flags)
 
 

@@ -89,6 +89,12 @@ class Kernel:
             return onednn_int8.matmul if onednn_int8.available() else None
         return _aten(self.name)
 
+    def missing(self) -> str:
+        """Why :attr:`op` is None."""
+        if self.name == ONEDNN_KERNEL:
+            return onednn_int8.unavailable_reason() or "is not available"
+        return "is not in this torch"
+
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         usable = self.name == DEQUANTIZE or self.op is not None
         return usable and device.type in self.device_types and dtype in self.dtypes
@@ -432,12 +438,13 @@ def kernel_for(device: torch.device, mode: str, dtype: torch.dtype, *, fallback:
                     break
                 continue
             if not kernel.available(device, dtype):
-                problems.append(f"{kernel.name} " + ("is not in this torch" if kernel.op is None else
+                problems.append(f"{kernel.name} " + (kernel.missing() if kernel.op is None else
                                                      f"does not serve {str(dtype).replace('torch.', '')}"))
                 continue
             failure = _self_check(kernel, device, dtype)
             if failure is None:
-                choice = Choice(kernel, f"{kernel.name} (self-check passed; up to {kernel.max_rows} rows)")
+                skipped = "".join(f"; {problem}" for problem in problems)
+                choice = Choice(kernel, f"{kernel.name} (self-check passed; up to {kernel.max_rows} rows{skipped})")
                 break
             problems.append(f"{kernel.name} failed its self-check ({failure})")
             # expected where a kernel needs an instruction the CPU lacks (oneDNN int8 without VNNI)

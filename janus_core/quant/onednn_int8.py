@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import precision
+
 ZERO_POINT = 128
 # The second term's step relative to the first's (b in -127..127 covers a's rounding error of +-0.5).
 SPLIT = 254.0
@@ -38,9 +40,19 @@ def _ops() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | 
     return prepack, run
 
 
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot serve on this machine, or None: it needs oneDNN's int8 ops in this torch and an x86
+    CPU with VNNI or AMX (:func:`janus_core.precision.int8_dot_product`). The self-check still tests its results."""
+    if _ops() is None:
+        return "is not in this torch"
+    if not precision.int8_dot_product(precision.local_cpu_caps()):
+        return "needs an x86 CPU with VNNI or AMX (byte dot products; none on this CPU or under ONEDNN_MAX_CPU_ISA)"
+    return None
+
+
 def available() -> bool:
-    """Whether this torch has the oneDNN int8 ops (whether they are right on this CPU is the self-check's call)."""
-    return _ops() is not None
+    """Whether :func:`unavailable_reason` has no objection."""
+    return unavailable_reason() is None
 
 
 @dataclass(frozen=True)
