@@ -657,8 +657,8 @@ class LlamaRunner:
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager, loudly
             first_line = (str(exc).strip().splitlines() or [""])[0]
             logger.warning("torch.compile of the decode step failed, running eagerly instead (%s: %s). On the CPU "
-                           "it needs a working C++ compiler; unset %s to skip compiling.", type(exc).__name__,
-                           first_line, COMPILE_ENV)
+                           "compiling needs a working C++ compiler, and int8 layers on oneDNN's kernel cannot be "
+                           "traced; unset %s to skip compiling.", type(exc).__name__, first_line, COMPILE_ENV)
             self.compile = False
             self._step = None
             return None
