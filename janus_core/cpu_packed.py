@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import JanusError
+from .precision import onednn_ops
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +37,10 @@ PROBE_ROWS = 3
 CHECK_TOLERANCE = 1e-2
 
 
+@functools.cache
 def _ops() -> tuple | None:
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    reorder = getattr(mkldnn, "_reorder_linear_weight", None)
-    run = getattr(mkldnn, "_linear_pointwise", None)
-    if reorder is None or run is None or not torch.backends.mkldnn.is_available():
-        return None
-    return reorder, run
+    """(reorder, run) oneDNN ops, looked up once (every decode-step matmul goes through :func:`matmul`)."""
+    return onednn_ops("mkldnn", "_reorder_linear_weight", "_linear_pointwise")
 
 
 @dataclass(frozen=True)

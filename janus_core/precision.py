@@ -30,6 +30,7 @@ import functools
 import logging
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -124,6 +125,17 @@ def bf16_class(caps: CpuCaps) -> str:
     if caps.amx_bf16 and _onednn_allows(caps.onednn_isa_limit, "AVX512_CORE_AMX"):
         return AMX
     return NATIVE
+
+
+def onednn_ops(namespace: str, *names: str) -> tuple[Callable[..., torch.Tensor], ...] | None:
+    """``torch.ops.<namespace>.<name>`` for each of ``names``, or None when this torch lacks one of them or was
+    built without oneDNN (the optional CPU kernels of :mod:`janus_core.cpu_packed` and
+    :mod:`janus_core.quant.onednn_int8`)."""
+    space = getattr(torch.ops, namespace, None)
+    ops = tuple(getattr(space, name, None) for name in names)
+    if any(op is None for op in ops) or not torch.backends.mkldnn.is_available():
+        return None
+    return ops
 
 
 def int8_dot_product(caps: CpuCaps) -> bool:
@@ -365,5 +377,5 @@ def matmul_form(dtype: torch.dtype, rows: int, device_type: str = "cpu", cpu_cla
 
 __all__ = ["AMX", "COMPONENTS", "DIRECT", "EMULATED", "FP32_CHUNKS", "FP32_CHUNK_ELEMENTS", "FP32_ROWS", "NATIVE",
            "SDPA", "WINOGRAD", "W_XT", "X_WT", "CpuCaps", "Precision", "attention_form", "bf16_class",
-           "choose_precision", "conv_form", "cpu_class_for", "local_cpu_caps", "local_cpu_class", "matmul_form",
-           "nnpack_available", "precision_for", "probe_cpu", "slow_choices"]
+           "choose_precision", "conv_form", "cpu_class_for", "int8_dot_product", "local_cpu_caps", "local_cpu_class",
+           "matmul_form", "nnpack_available", "onednn_ops", "precision_for", "probe_cpu", "slow_choices"]

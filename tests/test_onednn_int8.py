@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import janus_core
+from janus_core.errors import JanusError
 from janus_core.quant import formats, kernels, onednn_int8
 from janus_core.quant.kernels import ONEDNN_INT8, ONEDNN_KERNEL, PLAIN, kernel_for
 from janus_core.quant.linear import QuantLinear, quant_layers
@@ -173,3 +174,11 @@ def test_non_finite_activations_stay_non_finite_in_their_row_only():
     assert not torch.isfinite(got[0]).all() and not torch.isfinite(got[1]).all()
     expect = x[2:].double() @ formats.dequantize(qweight, qscale, "int8").double().t()
     assert float((got[2:].double() - expect).abs().max() / expect.abs().max()) < 1e-3
+
+
+def test_a_torch_without_the_ops_gets_a_clear_error(monkeypatch):
+    monkeypatch.setattr(onednn_int8, "_ops", lambda: None)
+    assert onednn_int8.unavailable_reason() == "is not in this torch"
+    qweight, qscale = formats.quantize(torch.randn(8, 32), "int8")
+    with pytest.raises(JanusError, match="no oneDNN int8 GEMM.*available"):
+        onednn_int8.pack(qweight, qscale)

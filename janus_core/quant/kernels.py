@@ -11,8 +11,9 @@ Kernels (``torch.ops.aten``, semantics checked on torch 2.13; the self-check re-
 * ``_weight_int4pack_mm(x bf16, tiled int32, group, scale_zeros)`` (CUDA sm80+, MPS): tiled by
   ``_convert_weight_to_int4pack(uint8 [N, K / 2] with the even input in the high nibble, inner_k_tiles)``.
 * :func:`.onednn_int8.matmul` (CPU, tried first for int8): oneDNN's integer GEMM on a weight prepacked at load
-  (layout ``onednn-int8``), the activations split exactly into two 8-bit terms; right only where the CPU has VNNI
-  or AMX (the self-check tells), and there about as fast as bf16 at 32 rows and ~1.9x faster at 2.
+  (layout ``onednn-int8``), the activations split exactly into two 8-bit terms; offered only on x86 CPUs with
+  VNNI or AMX (:func:`janus_core.precision.int8_dot_product`; the self-check still tests it), and there about as
+  fast as bf16 at 32 rows and ~1.9x faster at 2.
 
 torch's weight-only kernels are fast for few rows (an AR decode step: 2 rows per image) and slow for many (on
 this project's 2-core AVX-512 CPU ``_weight_int8pack_mm`` costs 2x a bf16 matmul at 32 rows, and in float32 /
@@ -110,8 +111,8 @@ class Kernel:
     def run(self, x: torch.Tensor, qweight: torch.Tensor | PackedInt8, qscale: torch.Tensor, group: int
             ) -> torch.Tensor:
         """``x [M, K]`` times the weight in this kernel's layout -> ``[M, N]`` in ``x``'s dtype."""
-        if self.layout == ONEDNN_INT8:
-            return self.op(x, qweight)  # the packed weight holds its scales
+        if self.layout == ONEDNN_INT8:  # called directly: availability was settled when the kernel was chosen
+            return onednn_int8.matmul(x, qweight)  # the packed weight holds its scales
         if self.mode == "int8":
             return self.op(x, qweight, qscale)
         return self.op(x, qweight, group, qscale)

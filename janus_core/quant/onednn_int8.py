@@ -19,25 +19,31 @@ the canonical ``[N, K]`` int8 values back.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .. import precision
+from ..errors import JanusError
 
 ZERO_POINT = 128
 # The second term's step relative to the first's (b in -127..127 covers a's rounding error of +-0.5).
 SPLIT = 254.0
 
 
-def _ops() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None:
-    onednn = getattr(torch.ops, "onednn", None)
-    prepack = getattr(onednn, "qlinear_prepack", None)
-    run = getattr(onednn, "qlinear_pointwise", None)
-    if prepack is None or run is None or not torch.backends.mkldnn.is_available():
-        return None
-    return prepack, run
+@functools.cache
+def _ops() -> tuple[Callable[..., torch.Tensor], ...] | None:
+    """(prepack, run) oneDNN ops, looked up once (every quantized matmul goes through :func:`matmul`)."""
+    return precision.onednn_ops("onednn", "qlinear_prepack", "qlinear_pointwise")
+
+
+def _required_ops() -> tuple[Callable[..., torch.Tensor], ...]:
+    ops = _ops()
+    if ops is None:
+        raise JanusError("This torch has no oneDNN int8 GEMM (torch.ops.onednn); check onednn_int8.available first.")
+    return ops
 
 
 def unavailable_reason() -> str | None:
@@ -71,7 +77,7 @@ class PackedInt8:
 
 def pack(qweight: torch.Tensor, qscale: torch.Tensor) -> PackedInt8:
     """Canonical int8 ``qweight [N, K]`` and ``qscale [N]`` on the CPU -> :class:`PackedInt8`."""
-    prepack, _ = _ops()
+    prepack, _ = _required_ops()
     scale = qscale.float()
     return PackedInt8(prepack(qweight.contiguous(), None), scale, torch.zeros(scale.shape, dtype=torch.int32))
 
@@ -94,7 +100,7 @@ def split_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def matmul(x: torch.Tensor, packed: PackedInt8) -> torch.Tensor:
     """``x [M, K] @ (qweight * scale[:, None]).T`` -> ``[M, N]`` in ``x``'s dtype."""
-    _, run = _ops()
+    _, run = _required_ops()
     rows = x.shape[0]
     terms, row_scale = split_rows(x)
     y = run(terms, 1.0, ZERO_POINT, packed.weight, packed.scale, packed.zero_points, None, 1.0, 0, torch.float32,
