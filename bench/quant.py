@@ -9,9 +9,11 @@
   as ``pytorch_model.bin``) and loaded in a fresh process per precision: RSS after the imports, peak RSS of
   the load (``VmHWM``), RSS once loaded and after one AR step, and the weight bytes (what a GPU holds; the
   same as computed from the shapes, which is also printed for the releases).
-* kernels: one decoder layer's matmuls at a few row counts, bf16 in both operand orders against int8 / int4.
+* kernels: one decoder layer's matmuls at a few row counts, bf16 in both operand orders against int8 / int4,
+  with their multiply-add rates (GFLOP/s) and, for scale, the rate of large bf16 / float32 matmuls.
 * speed: ms per AR step (CFG rows, ``--steps`` steps right after the prompt) of the same checkpoint loaded
-  as bf16 / int8 / int4, alternated, medians over steps where no other process used the CPU.
+  as bf16 / int8 / int4, alternated, medians over steps where no other process used the CPU, and the paired
+  speed-up (median over repeats of the speed-up within one repeat).
 * quality: against the float32 model of the same random checkpoint: guided logits under teacher forcing
   (relative L2 error, top-1 agreement), greedy image tokens (576), and an understanding answer (greedy
   token agreement; text logits under teacher forcing with and without ``lm_head`` quantized). Random
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -163,13 +166,21 @@ def bench_speed(args: argparse.Namespace, folder: Path) -> None:
         base_best = _fastest(runs["bf16"].clocks)
         for p, run in runs.items():
             t, best = summarize(run.clocks), _fastest(run.clocks)
-            rows.append([p, parallel, t.median * 1e3, base / t.median, best * 1e3, base_best / best,
-                         weight_bytes_per_step(models[p]) / GB, weight_bytes_per_step(models[p]) / best / GB,
-                         f"{t.clean}/{t.total}"])
-    print_table(f"AR decode step, {args.model}{_cut(args.layers)}, bf16 compute, 2 CFG rows per image (fastest "
-                f"step: robust when other processes share the CPU); CPU: {local_cpu_class()}",
-                ["precision", "parallel", "ms/step (median)", "speed-up", "ms/step (fastest)", "speed-up (fastest)",
-                 "weights read/step GB", "GB/s (fastest)", "clean steps"], rows)
+            rows.append([p, parallel, t.median * 1e3, base / t.median, _paired_speedup(runs["bf16"], run),
+                         best * 1e3, base_best / best, weight_bytes_per_step(models[p]) / GB,
+                         weight_bytes_per_step(models[p]) / best / GB, f"{t.clean}/{t.total}"])
+    print_table(f"AR decode step, {args.model}{_cut(args.layers)}, bf16 compute, 2 CFG rows per image (paired: "
+                "median over repeats of the speed-up within one repeat, robust when the machine's speed drifts; "
+                f"fastest step: robust when other processes share the CPU); CPU: {local_cpu_class()}",
+                ["precision", "parallel", "ms/step (median)", "speed-up", "speed-up (paired)", "ms/step (fastest)",
+                 "speed-up (fastest)", "weights read/step GB", "GB/s (fastest)", "clean steps"], rows)
+
+
+def _paired_speedup(base: SpeedRun, run: SpeedRun) -> float:
+    """Median over repeats of ``base``'s median step over ``run``'s in the same repeat (the runs of one repeat
+    follow each other within seconds, so a slow phase of a shared host hits both)."""
+    return statistics.median(summarize([b]).median / summarize([r]).median
+                             for b, r in zip(base.clocks, run.clocks, strict=True))
 
 
 def _fastest(clocks: list[StepClock]) -> float:
@@ -226,15 +237,36 @@ def bench_kernels(args: argparse.Namespace) -> None:
             best_bf16 = min(t for label, t in times.items() if label.startswith("bf16"))
             times.setdefault("bf16 packed", float("nan"))
             order = ["bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", "bf16 packed", *MODES]
+            flop = 2 * rows * sum(w.numel() for w, _, _ in layer)
             rows_out.append([name, rows, *(f"{times[label] * 1e3:.2f}" for label in order),
-                             *(f"{best_bf16 / times[m]:.2f}" for m in MODES)])
+                             *(f"{best_bf16 / times[m]:.2f}" for m in MODES),
+                             f"{flop / best_bf16 / 1e9:.0f}", *(f"{flop / times[m] / 1e9:.0f}" for m in MODES)])
     print_table("One decoder layer's matmuls (joined q/k/v, o, gate/up, down), ms, fastest of 7 calls; bf16 "
                 "linear(): the form janus_core.precision picks for plain weights on this CPU class; bf16 packed: "
                 "oneDNN-packed weights (what the decoder layers use where the CPU can pack; nan: it cannot); int8 / "
                 f"int4: what janus_core.quant.kernels.matmul picks for the row count; CPU: {local_cpu_class()}",
                 ["model", "rows", "bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", "bf16 packed", *MODES,
-                 *(f"{m} vs best bf16" for m in MODES)],
+                 *(f"{m} vs best bf16" for m in MODES), "best bf16 GFLOP/s", *(f"{m} GFLOP/s" for m in MODES)],
                 rows_out)
+    print_peak_throughput(packing)
+
+
+def print_peak_throughput(packing: bool, rows: int = 1024, shape: tuple[int, int] = (11264, 2048)) -> None:
+    """Multiply-add throughput of large matmuls (``rows`` x the 1B gate/up shape), the CPU's practical compute
+    ceiling in bf16 and float32: what the many-row kernel figures above compare against."""
+    gen = torch.Generator().manual_seed(1)
+    w32 = torch.randn(*shape, generator=gen).mul_(0.02)
+    x32 = torch.randn(rows, shape[1], generator=gen)
+    w16, x16 = w32.bfloat16(), x32.bfloat16()
+    candidates = {"float32 x@W.T": lambda: torch.mm(x32, w32.t()), "bf16 x@W.T": lambda: torch.mm(x16, w16.t())}
+    if packing:
+        packed = cpu_packed.pack(w16)
+        candidates["bf16 packed"] = lambda: cpu_packed.matmul(x16, packed)
+    flop = 2 * rows * w32.numel()
+    wait_quiet()
+    print_table(f"Large matmul throughput ({rows} x {shape[1]} times {shape[1]} x {shape[0]}), GFLOP/s, fastest of "
+                f"7 calls; CPU: {local_cpu_class()}", ["form", "GFLOP/s"],
+                [[label, f"{flop / _fastest_call(fn) / 1e9:.0f}"] for label, fn in candidates.items()])
 
 
 def _fastest_call(fn, calls: int = 7) -> float:

@@ -105,4 +105,4 @@ def matmul(x: torch.Tensor, packed: PackedInt8) -> torch.Tensor:
     terms, row_scale = split_rows(x)
     y = run(terms, 1.0, ZERO_POINT, packed.weight, packed.scale, packed.zero_points, None, 1.0, 0, torch.float32,
             "none", [], "")
-    return y[rows:].div_(SPLIT).add_(y[:rows]).mul_(row_scale).to(x.dtype)
+    return torch.add(y[:rows], y[rows:], alpha=1.0 / SPLIT).mul_(row_scale).to(x.dtype)
