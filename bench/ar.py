@@ -72,7 +72,7 @@ def floor_seconds(model: JanusModel, parallel: int, prompt_len: int, bandwidth: 
     return per_step[0], sum(per_step)
 
 
-def _long_pair(model: JanusModel, pair: CFGPair, extra: int) -> CFGPair:
+def long_pair(model: JanusModel, pair: CFGPair, extra: int) -> CFGPair:
     """``pair`` with ``extra`` more prompt tokens (repeats of its text), for the late window."""
     body = pair.cond_ids[1:-1]
     filler = body.repeat(extra // max(body.numel(), 1) + 1)[:extra]
@@ -142,7 +142,7 @@ def run_ar(model: JanusModel, ref_model: JanusModel, parallel: int, steps: int, 
     full = steps >= IMAGE_TOKENS
     n = IMAGE_TOKENS - 1 if full else steps
     late_extra = IMAGE_TOKENS - 1 - n
-    late_pair = _long_pair(model, pair, late_extra)
+    late_pair = long_pair(model, pair, late_extra)
     time_sampler(model, pair, 2)  # warm-up (allocator, rope tables, weight fusion)
     _reference(ref_model, pair, 2, None)
 

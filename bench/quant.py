@@ -11,9 +11,10 @@
   same as computed from the shapes, which is also printed for the releases).
 * kernels: one decoder layer's matmuls at a few row counts, bf16 in both operand orders against int8 / int4,
   with their multiply-add rates (GFLOP/s) and, for scale, the rate of large bf16 / float32 matmuls.
-* speed: ms per AR step (CFG rows, ``--steps`` steps right after the prompt) of the same checkpoint loaded
-  as bf16 / int8 / int4, alternated, medians over steps where no other process used the CPU, and the paired
-  speed-up (median over repeats of the speed-up within one repeat).
+* speed: ms per AR step (CFG rows, ``--steps`` steps right after the prompt, and the last ``--steps`` of an
+  image unless ``--no-late``) of the same checkpoint loaded as bf16 / int8 / int4, alternated, medians over steps
+  where no other process used the CPU, and the paired speed-up (median over repeats of the speed-up within one
+  repeat) of the early steps and of a whole image's mean step.
 * quality: against the float32 model of the same random checkpoint: guided logits under teacher forcing
   (relative L2 error, top-1 agreement), greedy image tokens (576), and an understanding answer (greedy
   token agreement; text logits under teacher forcing with and without ``lm_head`` quantized). Random
@@ -51,7 +52,7 @@ from janus_core.quant.linear import quantize_modules, standard_modules
 from janus_core.sampling import cfg_mix
 from janus_core.understanding import generate_text_ids, understanding_embeds
 
-from .ar import PROMPT, time_sampler, weight_bytes_per_step
+from .ar import PROMPT, long_pair, time_sampler, weight_bytes_per_step
 from .load import _high_water_rss, write_random_checkpoint
 from .measure import StepClock, print_table, rss_bytes, summarize, wait_quiet
 from .models import FIXTURES, ROOT, build_meta_net, release_config
@@ -145,9 +146,19 @@ def bench_memory(args: argparse.Namespace) -> None:
 
 @dataclass
 class SpeedRun:
+    """One precision's timed runs at one batch size, one clock per repeat: ``early`` right after the prompt,
+    ``late`` ending at the last image token (empty when the late window is not measured)."""
+
     precision: str
     parallel: int
-    clocks: list[StepClock]
+    early: list[StepClock]
+    late: list[StepClock]
+
+    def image_step(self, repeat: int) -> float:
+        """Mean seconds per step over a whole image in ``repeat``: the average of the early and late medians
+        (exact for a step cost linear in the position), or the early median alone."""
+        early = summarize([self.early[repeat]]).median
+        return early if not self.late else (early + summarize([self.late[repeat]]).median) / 2
 
 
 def bench_speed(args: argparse.Namespace, folder: Path) -> None:
@@ -155,32 +166,44 @@ def bench_speed(args: argparse.Namespace, folder: Path) -> None:
     rows = []
     for parallel in args.parallel:
         pairs = {p: build_cfg_pair(m, PROMPT, parallel) for p, m in models.items()}
+        late_pairs = {p: long_pair(m, pairs[p], IMAGE_TOKENS - 1 - args.steps) for p, m in models.items()}
         for p, m in models.items():
             time_sampler(m, pairs[p], 2)  # warm-up: allocator, rope tables, kernel self-check
-        runs = {p: SpeedRun(p, parallel, []) for p in models}
+        runs = {p: SpeedRun(p, parallel, [], []) for p in models}
         for _ in range(args.repeats):  # alternate, so slow phases of a shared machine hit every precision
             for p, m in models.items():
                 wait_quiet()
-                runs[p].clocks.append(time_sampler(m, pairs[p], args.steps + 1)[1])
-        base = summarize(runs["bf16"].clocks).median
-        base_best = _fastest(runs["bf16"].clocks)
+                runs[p].early.append(time_sampler(m, pairs[p], args.steps + 1)[1])
+                if args.late:
+                    runs[p].late.append(time_sampler(m, late_pairs[p], args.steps + 1)[1])
+        base, base_best = runs["bf16"], _fastest(runs["bf16"].early)
         for p, run in runs.items():
-            t, best = summarize(run.clocks), _fastest(run.clocks)
-            rows.append([p, parallel, t.median * 1e3, base / t.median, _paired_speedup(runs["bf16"], run),
-                         best * 1e3, base_best / best, weight_bytes_per_step(models[p]) / GB,
-                         weight_bytes_per_step(models[p]) / best / GB, f"{t.clean}/{t.total}"])
-    print_table(f"AR decode step, {args.model}{_cut(args.layers)}, bf16 compute, 2 CFG rows per image (paired: "
-                "median over repeats of the speed-up within one repeat, robust when the machine's speed drifts; "
-                f"fastest step: robust when other processes share the CPU); CPU: {local_cpu_class()}",
-                ["precision", "parallel", "ms/step (median)", "speed-up", "speed-up (paired)", "ms/step (fastest)",
-                 "speed-up (fastest)", "weights read/step GB", "GB/s (fastest)", "clean steps"], rows)
+            t, best = summarize(run.early), _fastest(run.early)
+            late = f"{summarize(run.late).median * 1e3:.1f}" if run.late else ""
+            rows.append([p, parallel, t.median * 1e3, summarize(base.early).median / t.median,
+                         _paired_speedup(base, run, early_only=True), best * 1e3, base_best / best, late,
+                         _paired_speedup(base, run, early_only=False) if run.late else "",
+                         weight_bytes_per_step(models[p]) / GB, weight_bytes_per_step(models[p]) / best / GB,
+                         f"{t.clean}/{t.total}"])
+    print_table(f"AR decode step, {args.model}{_cut(args.layers)}, bf16 compute, 2 CFG rows per image; early: the "
+                f"{args.steps} steps after the prompt, late: the last {args.steps} of an image's 576 (prompt "
+                "lengthened), image: their mean (paired: median over repeats of the speed-up within one repeat, "
+                "robust when the machine's speed drifts; fastest step: robust when other processes share the "
+                f"CPU); CPU: {local_cpu_class()}",
+                ["precision", "parallel", "early ms/step (median)", "speed-up", "speed-up (paired)",
+                 "early ms/step (fastest)", "speed-up (fastest)", "late ms/step (median)", "image speed-up (paired)",
+                 "weights read/step GB", "GB/s (fastest)", "clean early steps"], rows)
 
 
-def _paired_speedup(base: SpeedRun, run: SpeedRun) -> float:
-    """Median over repeats of ``base``'s median step over ``run``'s in the same repeat (the runs of one repeat
-    follow each other within seconds, so a slow phase of a shared host hits both)."""
-    return statistics.median(summarize([b]).median / summarize([r]).median
-                             for b, r in zip(base.clocks, run.clocks, strict=True))
+def _paired_speedup(base: SpeedRun, run: SpeedRun, *, early_only: bool) -> float:
+    """Median over repeats of ``base``'s step time over ``run``'s in the same repeat (the runs of one repeat
+    follow each other within seconds, so a slow phase of a shared host hits both): early steps, or a whole
+    image's mean step (:meth:`SpeedRun.image_step`)."""
+
+    def step(r: SpeedRun, i: int) -> float:
+        return summarize([r.early[i]]).median if early_only else r.image_step(i)
+
+    return statistics.median(step(base, i) / step(run, i) for i in range(len(base.early)))
 
 
 def _fastest(clocks: list[StepClock]) -> float:
@@ -410,6 +433,8 @@ def main() -> None:
     parser.add_argument("--kernel-rows", type=lambda s: [int(v) for v in s.split(",") if v], default=[2, 32, 512],
                         help="rows (2 per image) of the kernels section")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-late", dest="late", action="store_false",
+                        help="speed: skip the late window (the last steps of an image, ~600 positions of KV cache)")
     parser.add_argument("--memory-model", choices=("pro-1b", "pro-7b"), default="pro-7b")
     parser.add_argument("--memory-precisions", type=lambda s: [v for v in s.split(",") if v], default=list(PRECISIONS),
                         help="precisions loaded by the memory section (bf16 7B needs ~16 GB free RAM)")
