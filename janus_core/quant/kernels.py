@@ -249,7 +249,7 @@ class QuantizedWeight:
         return WeightRows(self, start, stop)
 
     def readable(self) -> bool:
-        """Whether :meth:`dequantize_rows` can read this layout back (not the tiled int4 one)."""
+        """Whether the dequantize-then-matmul path can read this layout back (not the tiled int4 one)."""
         if self.mode == "int8" or self.layout == PLAIN:
             return True
         blocks = cpu_int4_blocks() if self.layout == CPU_INT4 else None
