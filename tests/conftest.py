@@ -70,3 +70,19 @@ def teacher_forced_cfg_logits(model) -> torch.Tensor:
             _, out = steps.send(forced[:, s])
     steps.close()
     return torch.stack(logits)
+
+
+def teacher_forced_answer_logits(model, image, question: str, answer: torch.Tensor) -> torch.Tensor:
+    """Text logits ``[len(answer), V]`` of an understanding answer fed back token by token (the question about
+    ``image`` prefilled first), as the understanding goldens' ``step_logits`` were recorded."""
+    from janus_core.llm import KVCache
+    from janus_core.understanding import understanding_embeds
+
+    embeds, _ = understanding_embeds(model, [image], question)
+    cache = KVCache.allocate(model.llm, 1, embeds.shape[0] + len(answer))
+    hidden = model.llm.forward(embeds[None], cache)
+    logits = [model.llm.lm_logits(hidden[0, -1])]
+    for token in answer[:-1]:
+        hidden = model.llm.forward(model.llm.embed(token.view(1, 1)), cache)
+        logits.append(model.llm.lm_logits(hidden[0, -1]))
+    return torch.stack(logits)

@@ -6,17 +6,25 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import janus_core
 from janus_core import precision
 from janus_core.errors import CheckpointError, JanusError
-from janus_core.generate_ar import generate_image_tokens
+from janus_core.generate_ar import generate_image_tokens, score_image_tokens
 from janus_core.quant import formats, kernels
 from janus_core.quant.folder import QUANT_FILE, read_quantization, save_quantized
 from janus_core.quant.kernels import CPU_INT4, PLAIN, TILED_INT4, QuantizedWeight, kernel_for, matmul, pack
 from janus_core.quant.linear import EMBEDDINGS, QuantEmbedding, QuantLinear, quant_layers, quantize_modules
-from tests.conftest import FLOW_TINY, PRO_TINY, golden, teacher_forced_cfg_logits
+from tests.conftest import (
+    FLOW_TINY,
+    IMAGE_PATH,
+    PRO_TINY,
+    golden,
+    teacher_forced_answer_logits,
+    teacher_forced_cfg_logits,
+)
 
 CPU = torch.device("cpu")
 
@@ -230,11 +238,52 @@ def test_device_without_kernel_and_no_fallback_is_refused(monkeypatch):
 def test_quantized_tiny_model_stays_near_the_golden(mode, max_error, min_top1):
     model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.float32, quantize=mode)
     assert model.quantization == mode
-    got = teacher_forced_cfg_logits(model)
-    expect = golden(PRO_TINY, "ar_teacher_forced")["cfg_logits"].float()
+    error, top1 = relative_error_and_top1(teacher_forced_cfg_logits(model),
+                                          golden(PRO_TINY, "ar_teacher_forced")["cfg_logits"])
+    assert error < max_error and top1 >= min_top1
+
+
+def relative_error_and_top1(got: torch.Tensor, expect: torch.Tensor) -> tuple[float, float]:
+    """(mean over positions of the relative L2 error of ``got [..., V]``, fraction of equal argmaxes)."""
+    got, expect = got.float(), expect.float()
     error = float(((got - expect).norm(dim=-1) / expect.norm(dim=-1)).mean())
-    assert error < max_error
-    assert float((got.argmax(-1) == expect.argmax(-1)).float().mean()) >= min_top1
+    return error, float((got.argmax(-1) == expect.argmax(-1)).float().mean())
+
+
+# Measured on the tiny fixtures in float32 (relative L2 error of the answer's logits per step, mean; top-1
+# agreement): int8 0.013 / 1.0 on both, int4 0.20 / 0.45-0.5. The greedy int8 answer is the golden one.
+@pytest.mark.parametrize("folder", [PRO_TINY, FLOW_TINY], ids=["pro", "flow"])
+@pytest.mark.parametrize(("mode", "max_error", "min_top1"), [("int8", 0.03, 0.9), ("int4", 0.3, 0.3)])
+def test_quantized_understanding_stays_near_the_golden(folder, mode, max_error, min_top1):
+    model = janus_core.load_model(folder, device="cpu", dtype=torch.float32, quantize=mode)
+    gold = golden(folder, "understanding")
+    image = Image.open(IMAGE_PATH).convert("RGB")
+    got = teacher_forced_answer_logits(model, image, "Describe this image.", gold["generated_ids"])
+    error, top1 = relative_error_and_top1(got, gold["step_logits"])
+    assert error < max_error and top1 >= min_top1
+    if mode == "int8":
+        answer = janus_core.understand(model, [image], "Describe this image.", max_new_tokens=20)
+        info = json.loads((folder / "golden" / "understanding.json").read_text(encoding="utf-8"))
+        assert answer == [info["generated_text"]]
+
+
+# Janus-4o instruction editing (the image's VQ tokens in the prompt, three CFG rows), against the golden of the
+# original code. Measured in float32: int8 0.019 / 0.975, int4 0.33 / 0.43.
+@pytest.mark.parametrize(("mode", "max_error", "min_top1"), [("int8", 0.04, 0.85), ("int4", 0.45, 0.3)])
+def test_quantized_editing_stays_near_the_golden(mode, max_error, min_top1):
+    model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.float32, quantize=mode)
+    gold = golden(PRO_TINY, "edit_teacher_forced")
+    meta = json.loads((PRO_TINY / "golden" / "edit_teacher_forced.json").read_text(encoding="utf-8"))
+    image = Image.open(IMAGE_PATH)
+    scores = score_image_tokens(model, meta["instruction"], gold["tokens"], cfg_weight=meta["cfg_weight"],
+                                image=image, image_cfg_weight=meta["cfg_weight2"])
+    error, top1 = relative_error_and_top1(scores[0, gold["kept_steps"]], gold["mixed_logits"][:, 0])
+    assert error < max_error and top1 >= min_top1
+    edited = generate_image_tokens(model, meta["instruction"], image=image, image_cfg_weight=2.0, seed=4,
+                                   batch_size=2)
+    assert edited.shape == (2, 576) and 0 <= int(edited.min()) <= int(edited.max()) < model.config.vq.codebook_size
+    assert torch.equal(edited, generate_image_tokens(model, meta["instruction"], image=image, image_cfg_weight=2.0,
+                                                     seed=4, batch_size=2))
 
 
 def test_which_layers_are_quantized():

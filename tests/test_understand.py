@@ -9,9 +9,8 @@ from PIL import Image
 
 from janus_core import JanusError, load_model
 from janus_core.images import to_pil_images
-from janus_core.llm import KVCache
 from janus_core.understanding import generate_text_ids, understand, understanding_embeds
-from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, golden
+from tests.conftest import FLOW_TINY, IMAGE_PATH, PRO_TINY, golden, teacher_forced_answer_logits
 
 QUESTION = "Describe this image."
 
@@ -42,15 +41,8 @@ def test_prompt_pixels_and_embeds_match_golden(case, image):
 
 def test_teacher_forced_logits_match_golden(case, image):
     model, gold, _ = case
-    embeds, _ = understanding_embeds(model, [image], QUESTION)
-    ids = gold["generated_ids"]
-    cache = KVCache.allocate(model.llm, 1, embeds.shape[0] + len(ids))
-    hidden = model.llm.forward(embeds[None], cache)
-    logits = [model.llm.lm_logits(hidden[0, -1])]
-    for token in ids[:-1]:
-        hidden = model.llm.forward(model.llm.embed(token.view(1, 1)), cache)
-        logits.append(model.llm.lm_logits(hidden[0, -1]))
-    torch.testing.assert_close(torch.stack(logits), gold["step_logits"], rtol=1e-4, atol=1e-4)
+    logits = teacher_forced_answer_logits(model, image, QUESTION, gold["generated_ids"])
+    torch.testing.assert_close(logits, gold["step_logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_answer_matches_golden(case, image):
