@@ -523,6 +523,17 @@ def iter_checkpoint(folder: str | Path, destination: Destination | None = None, 
             yield from _iter_pickle(path, destination, stream, by_rows)
 
 
+def safetensors_names(folder: str | Path) -> list[str]:
+    """Names of the tensors in the safetensors files of ``folder``, from their headers (``.bin`` files are not
+    opened)."""
+    names: list[str] = []
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            with path.open("rb") as fh:
+                names += [e.name for e in _read_safetensors_header(path, fh)]
+    return names
+
+
 def tensor_specs(folder: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """``name -> (shape, dtype)`` of every stored tensor, from safetensors headers and memory-mapped pickles
     (no tensor data is read)."""

@@ -477,6 +477,18 @@ def test_bad_quantization_record_is_refused(int4_folder, tmp_path, edit, phrase)
         janus_core.load_model(doctored(int4_folder, tmp_path, edit), device="cpu")
 
 
+def test_quantized_weights_without_their_record_are_refused(int4_folder, tmp_path):
+    """A quantized folder copied or uploaded without janus_quantization.json is named as such (not as a
+    checkpoint of another model), by the loader and by the quantize command."""
+    copy = shutil.copytree(int4_folder, tmp_path / "no-record")
+    (copy / QUANT_FILE).unlink()
+    for attempt in (lambda: janus_core.load_model(copy, device="cpu"),
+                    lambda: janus_core.load_model(copy, device="cpu", quantize="int4"),
+                    lambda: save_quantized(copy, tmp_path / "again", "int8")):
+        with pytest.raises(CheckpointError, match=f"quantized tensors .*qweight.* but no {QUANT_FILE}"):
+            attempt()
+
+
 def test_quantized_tensors_of_the_wrong_dtype_or_count_are_refused(int4_folder, tmp_path):
     name = "language_model.model.layers.0.mlp.down_proj.qweight"
 

@@ -25,7 +25,15 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import BIN_INDEX, SAFETENSORS_DTYPES, SAFETENSORS_INDEX, iter_checkpoint, tensor_specs, weight_files
+from ..checkpoint import (
+    BIN_INDEX,
+    SAFETENSORS_DTYPES,
+    SAFETENSORS_INDEX,
+    iter_checkpoint,
+    safetensors_names,
+    tensor_specs,
+    weight_files,
+)
 from ..config import JanusConfig, LlamaSpec, load_config
 from ..errors import CheckpointError, JanusError
 from ..jsonfile import JsonFields, read_json
@@ -39,6 +47,8 @@ FORMAT = "janus-core-weight-only"
 VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 PARTIAL_SUFFIX = ".partial"
+# Names of the stored tensors of a quantized layer end so (QuantWeights' parameters).
+QUANTIZED_SUFFIXES = (".qweight", ".qscale")
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
@@ -59,9 +69,18 @@ class QuantizedFolder:
 
 
 def read_quantization(folder: str | Path) -> QuantizedFolder | None:
-    """The quantization of the checkpoint in ``folder``, or None when it is not a quantized folder."""
+    """The quantization of the checkpoint in ``folder``, or None when it is not a quantized folder. Refuses
+    quantized tensors without the file that describes them (a folder copied or uploaded without it)."""
     path = Path(folder) / QUANT_FILE
     if not path.is_file():
+        orphans = [name for name in safetensors_names(folder) if name.endswith(QUANTIZED_SUFFIXES)]
+        if orphans:
+            raise CheckpointError(
+                f"{folder} holds weight-only quantized tensors ({', '.join(orphans[:2])}, ...) but no {QUANT_FILE}, "
+                f"which says how they were quantized: the folder is incomplete. Copy {QUANT_FILE} back from the "
+                "quantized folder it came from (python -m janus_core quantize writes it next to the weights), or "
+                "quantize the original checkpoint again."
+            )
         return None
     fields = JsonFields(str(path), "", read_json(path))
     if fields.text("format") != FORMAT:
