@@ -13,6 +13,7 @@ Both take the same inputs as our samplers (a CFG pair built by janus_core) so th
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,12 @@ def plain_gen_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The image-token head as the reference runs it: two ``nn.Linear`` calls around an exact GELU."""
     first, second = head.output_mlp_projector, head.vision_head
     return F.linear(F.gelu(F.linear(hidden, first.weight, first.bias)), second.weight, second.bias)
+
+
+def cache_keyword(lm: nn.Module) -> str:
+    """The name under which transformers' model ``forward`` takes and returns its KV cache: ``cache`` from
+    transformers 5.24 on, ``past_key_values`` before (accepted with a warning until 5.40)."""
+    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
@@ -55,9 +62,10 @@ def reference_ar_tokens(model: JanusModel, pair: CFGPair, steps: int = IMAGE_TOK
         # any image token embedding works as the step input for a pre-filled cache
         embeds = net.image_token_embeds(torch.zeros(2 * b, dtype=torch.long, device=model.device))[:, None]
     tokens = torch.zeros(b, steps, dtype=torch.long, device=model.device)
+    keyword = cache_keyword(lm)
     for i in range(steps):
-        out = lm(inputs_embeds=embeds, use_cache=True, past_key_values=past)
-        past = out.past_key_values
+        out = lm(inputs_embeds=embeds, use_cache=True, **{keyword: past})
+        past = getattr(out, keyword)
         logits = plain_gen_head(net.gen_head, out.last_hidden_state[:, -1, :])
         cond, uncond = logits[0::2], logits[1::2]
         mixed = uncond + cfg_weight * (cond - uncond)
