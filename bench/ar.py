@@ -11,6 +11,7 @@ of ~600 tokens would take minutes and does not change a step's cost).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -109,7 +110,9 @@ def _zero_cache(model: JanusModel, rows: int, length: int) -> object:
 
     lm = model.net.language_model.model
     spec = model.config.llm
-    cache = DynamicCache(config=lm.config)
+    # transformers 5 sizes its cache layers from the config; 4.x takes no arguments
+    takes_config = "config" in inspect.signature(DynamicCache.__init__).parameters
+    cache = DynamicCache(config=lm.config) if takes_config else DynamicCache()
     shape = (rows, spec.num_key_value_heads, length, spec.head_dim)
     for i in range(spec.num_hidden_layers):
         zeros = torch.zeros(shape, dtype=model.dtype, device=model.device)

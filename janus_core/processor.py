@@ -14,6 +14,7 @@ tokenised with every special token read as plain characters, so ``<|Assistant|>`
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -62,6 +63,27 @@ class Markup(str):
     __slots__ = ()
 
 
+# The oldest tokenizers library that reads tokenizer.json files written by current ones (BPE merges stored as
+# pairs); older ones fail with "data did not match any variant of untagged enum ModelWrapper".
+MIN_TOKENIZERS = (0, 20)
+
+
+def _unreadable_tokenizer(path: Path, exc: Exception) -> JanusError:
+    """The error for a tokenizer.json the tokenizers library could not parse: an outdated library, or a broken
+    file."""
+    import tokenizers
+
+    version = getattr(tokenizers, "__version__", "0")
+    if tuple(int(p) for p in re.findall(r"\d+", version)[:2]) < MIN_TOKENIZERS:
+        minimum = ".".join(map(str, MIN_TOKENIZERS))
+        return JanusError(
+            f"The installed tokenizers library ({version}) is too old to read {path} ({str(exc)[:120]}): it needs "
+            f"tokenizers >= {minimum}. Run: pip install -U \"tokenizers>={minimum}\" \"transformers>=4.45\" (in "
+            "ComfyUI's Python environment)."
+        )
+    return CheckpointError(f"{path} is not a valid tokenizer ({str(exc)[:200]}); re-download the checkpoint.")
+
+
 class JanusTokenizer:
     """The checkpoint's ``tokenizer.json`` with the special-token ids Janus needs.
 
@@ -80,9 +102,7 @@ class JanusTokenizer:
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # the tokenizers library reports every parse error as a plain Exception
-            raise CheckpointError(
-                f"{path} is not a valid tokenizer ({str(exc)[:200]}); re-download the checkpoint."
-            ) from exc
+            raise _unreadable_tokenizer(path, exc) from exc
         ids = {}
         for name in (BOS, EOS, PAD, IMAGE_TAG, IMAGE_START, IMAGE_END):
             tid = self._tok.token_to_id(name)

@@ -17,7 +17,7 @@ import janus_core.checkpoint as ckpt
 import janus_core.model as model_module
 from janus_core import load_model
 from janus_core.checkpoint import iter_checkpoint, stored_size, weight_files
-from janus_core.errors import CheckpointError
+from janus_core.errors import CheckpointError, JanusError
 from janus_core.model import is_unused_key
 from tests.conftest import FLOW_TINY, PRO_TINY
 from tests.test_checkpoint import make_sharded_safetensors, side_files, split, stored, write_raw
@@ -348,6 +348,21 @@ def test_malformed_tokenizer_json(tmp_path, content):
     (folder / "tokenizer.json").write_bytes(content)
     with pytest.raises(CheckpointError, match=r"tokenizer.json is not a valid tokenizer .*re-download"):
         load_model(folder, device="cpu")
+
+
+def test_tokenizer_json_unreadable_by_an_old_tokenizers_library(tmp_path, monkeypatch):
+    """tokenizers < 0.20 cannot parse the BPE merges current files store as pairs (the fixtures do): the error
+    names the library and the upgrade instead of a broken download."""
+    import tokenizers
+
+    folder = full_copy(tmp_path / "m")
+    (folder / "tokenizer.json").write_bytes(b'{"model": 3}')  # what the old library reports as unparseable
+    monkeypatch.setattr(tokenizers, "__version__", "0.19.1")
+    upgrade = r"tokenizers library \(0.19.1\) is too old .*pip install -U \"tokenizers>=0.20\""
+    with pytest.raises(JanusError, match=upgrade) as info:
+        load_model(folder, device="cpu")
+    assert not isinstance(info.value, CheckpointError)
+    assert json.loads((PRO_TINY / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"][0] == ["Ġ", "a"]
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
