@@ -35,7 +35,9 @@ def load_sdxl_vae(path_or_repo: str | Path = DEFAULT_SDXL_VAE, device: torch.dev
     and ``diffusion_pytorch_model.safetensors``, or the repo id.
     """
     try:
-        from diffusers import AutoencoderKL
+        with warnings.catch_warnings():  # older diffusers releases warn at import about torch internals they call
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            from diffusers import AutoencoderKL
     except ImportError as e:
         raise JanusError("Decoding JanusFlow latents outside ComfyUI needs diffusers: "
                          "pip install diffusers") from e
@@ -61,16 +63,18 @@ def load_sdxl_vae(path_or_repo: str | Path = DEFAULT_SDXL_VAE, device: torch.dev
 
 
 def _from_pretrained(autoencoder_cls: Any, source: str, dtype: torch.dtype, **kwargs: Any) -> Any:
-    """``from_pretrained`` without the two diffusers notices that ask nothing of the user.
+    """``from_pretrained`` without the diffusers notices that ask nothing of the user.
 
     Without ``accelerate``, diffusers falls back to ``low_cpu_mem_usage=False`` and logs "install accelerate"
-    each time (passing the fallback explicitly avoids that); and it passes huggingface_hub a deprecated
-    ``local_dir_use_symlinks`` argument, which warns on every hub lookup.
+    each time (passing the fallback explicitly avoids that); it passes huggingface_hub a deprecated
+    ``local_dir_use_symlinks`` argument, which warns on every hub lookup; and older releases pass others
+    (``resume_download``), which warn as FutureWarning.
     """
     if importlib.util.find_spec("accelerate") is None:
         kwargs["low_cpu_mem_usage"] = False
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
         return autoencoder_cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
 
 
