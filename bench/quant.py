@@ -155,10 +155,14 @@ class SpeedRun:
     early: list[StepClock]
     late: list[StepClock]
 
+    def early_step(self, repeat: int) -> float:
+        """Median seconds per early step in ``repeat``."""
+        return summarize([self.early[repeat]]).median
+
     def image_step(self, repeat: int) -> float:
         """Mean seconds per step over a whole image in ``repeat``: the average of the early and late medians
         (exact for a step cost linear in the position), or the early median alone."""
-        early = summarize([self.early[repeat]]).median
+        early = self.early_step(repeat)
         return early if not self.late else (early + summarize([self.late[repeat]]).median) / 2
 
 
@@ -211,7 +215,7 @@ def _paired_speedup(base: SpeedRun, run: SpeedRun, *, early_only: bool) -> float
     image's mean step (:meth:`SpeedRun.image_step`)."""
 
     def step(r: SpeedRun, i: int) -> float:
-        return summarize([r.early[i]]).median if early_only else r.image_step(i)
+        return r.early_step(i) if early_only else r.image_step(i)
 
     return statistics.median(step(base, i) / step(run, i) for i in range(len(base.early)))
 

@@ -35,7 +35,7 @@ def plain_gen_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(F.gelu(F.linear(hidden, first.weight, first.bias)), second.weight, second.bias)
 
 
-def cache_keyword(lm: nn.Module) -> str:
+def _cache_keyword(lm: nn.Module) -> str:
     """The name under which transformers' model ``forward`` takes and returns its KV cache: ``cache`` from
     transformers 5.24 on, ``past_key_values`` before (accepted with a warning until 5.40)."""
     return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
@@ -62,7 +62,7 @@ def reference_ar_tokens(model: JanusModel, pair: CFGPair, steps: int = IMAGE_TOK
         # any image token embedding works as the step input for a pre-filled cache
         embeds = net.image_token_embeds(torch.zeros(2 * b, dtype=torch.long, device=model.device))[:, None]
     tokens = torch.zeros(b, steps, dtype=torch.long, device=model.device)
-    keyword = cache_keyword(lm)
+    keyword = _cache_keyword(lm)
     for i in range(steps):
         out = lm(inputs_embeds=embeds, use_cache=True, **{keyword: past})
         past = getattr(out, keyword)

@@ -484,6 +484,12 @@ class StoredSize:
     pickle_bytes: int
 
 
+def _header_entries(path: Path) -> list[_Entry]:
+    """The tensors listed in the header of the safetensors file ``path`` (see :func:`_read_safetensors_header`)."""
+    with path.open("rb") as fh:
+        return _read_safetensors_header(path, fh)
+
+
 def stored_size(folder: str | Path, skip: Callable[[str], bool] | None = None) -> StoredSize:
     """Measure every weight file of ``folder``; safetensors tensors named so that ``skip(name)`` is true are
     not counted. Checks each file's container on the way (safetensors header, zip directory, the torch
@@ -491,9 +497,7 @@ def stored_size(folder: str | Path, skip: Callable[[str], bool] | None = None) -
     elements = pickle_bytes = 0
     for path in weight_files(folder):
         if path.suffix == ".safetensors":
-            with path.open("rb") as fh:
-                entries = _read_safetensors_header(path, fh)
-            elements += sum(e.numel for e in entries if skip is None or not skip(e.name))
+            elements += sum(e.numel for e in _header_entries(path) if skip is None or not skip(e.name))
         else:
             _require_safe_unpickler(path)
             pickle_bytes += _pickle_data_bytes(path)
@@ -526,12 +530,7 @@ def iter_checkpoint(folder: str | Path, destination: Destination | None = None, 
 def safetensors_names(folder: str | Path) -> list[str]:
     """Names of the tensors in the safetensors files of ``folder``, from their headers (``.bin`` files are not
     opened)."""
-    names: list[str] = []
-    for path in weight_files(folder):
-        if path.suffix == ".safetensors":
-            with path.open("rb") as fh:
-                names += [e.name for e in _read_safetensors_header(path, fh)]
-    return names
+    return [e.name for path in weight_files(folder) if path.suffix == ".safetensors" for e in _header_entries(path)]
 
 
 def tensor_specs(folder: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -540,8 +539,7 @@ def tensor_specs(folder: str | Path) -> dict[str, tuple[tuple[int, ...], torch.d
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for path in weight_files(folder):
         if path.suffix == ".safetensors":
-            with path.open("rb") as fh:
-                specs.update((e.name, (e.shape, e.dtype)) for e in _read_safetensors_header(path, fh))
+            specs.update((e.name, (e.shape, e.dtype)) for e in _header_entries(path))
         else:
             specs.update((n, (tuple(t.shape), t.dtype)) for n, t in _load_pickle(path, mmap=True).items())
     return specs

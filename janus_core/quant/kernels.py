@@ -432,6 +432,7 @@ def kernel_for(device: torch.device, mode: str, dtype: torch.dtype, *, fallback:
     if choice is None:
         candidates = [k for k in KERNELS if k.mode == mode and device.type in k.device_types]
         problems = []
+        self_check_failed = False
         for kernel in candidates:
             if kernel.name == DEQUANTIZE:
                 if kernel.available(device, dtype):
@@ -448,15 +449,15 @@ def kernel_for(device: torch.device, mode: str, dtype: torch.dtype, *, fallback:
                 choice = Choice(kernel, f"{kernel.name} (self-check passed; up to {kernel.max_rows} rows{skipped})")
                 break
             problems.append(f"{kernel.name} failed its self-check ({failure})")
+            self_check_failed = True
             # expected where a kernel needs an instruction the CPU lacks (oneDNN int8 without VNNI)
             logger.info("%s on %s: %s failed its self-check (%s); not using it", mode, device, kernel.name, failure)
         if choice is None:
             why = "; ".join(problems) or f"torch has no {mode} kernel for {device.type}"
             choice = Choice(None, f"{DEQUANTIZE} ({why})", fallback=True)
         _CHOICES[key] = choice
-        failed = choice.fallback and any("self-check" in p for p in problems)
-        logger.log(logging.WARNING if failed else logging.INFO, "%s weights on %s in %s: %s", mode, device,
-                   str(dtype).replace("torch.", ""), choice.reason)
+        level = logging.WARNING if choice.fallback and self_check_failed else logging.INFO
+        logger.log(level, "%s weights on %s in %s: %s", mode, device, str(dtype).replace("torch.", ""), choice.reason)
     if choice.fallback and not fallback:
         raise JanusError(
             f"No working {mode} kernel on {device} for {str(dtype).replace('torch.', '')} weights: "
