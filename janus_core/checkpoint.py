@@ -100,19 +100,25 @@ def _shards_from_index(folder: Path, index_name: str) -> dict[Path, list[str]]:
     return shards
 
 
-def weight_files(folder: str | Path) -> list[Path]:
-    """The weight files of ``folder`` in load order; raises if there are none or a shard is missing."""
-    folder = Path(folder)
+def _weight_layout(folder: Path) -> dict[Path, list[str] | None]:
+    """The weight files of ``folder`` in load order, each with the tensor names its index places in it (None
+    for a single unindexed file); raises if there are none or a shard is missing."""
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         if (folder / index_name).is_file():
-            return sorted(_shards_from_index(folder, index_name))
+            shards = _shards_from_index(folder, index_name)
+            return {path: shards[path] for path in sorted(shards)}
     for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
         if (folder / single).is_file():
-            return [folder / single]
+            return {folder / single: None}
     raise CheckpointError(
         f"No weights found in {folder}: expected {SAFETENSORS_SINGLE}, {BIN_SINGLE} or a sharded index "
         f"({SAFETENSORS_INDEX} / {BIN_INDEX})."
     )
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The weight files of ``folder`` in load order; raises if there are none or a shard is missing."""
+    return list(_weight_layout(Path(folder)))
 
 
 def _dtype_table() -> dict[str, torch.dtype]:
@@ -148,6 +154,12 @@ class _Entry:
 
 # The safetensors format's own limit on the JSON header (the files of the releases have headers of ~100 kB).
 MAX_HEADER_BYTES = 100_000_000
+
+
+def _type_name(dtype: torch.dtype) -> str:
+    """``int16`` for ``torch.int16``; floating-point dtypes as "floating-point (bfloat16)"."""
+    name = str(dtype).removeprefix("torch.")
+    return f"floating-point ({name})" if dtype.is_floating_point else name
 
 
 def _corrupt(path: Path, why: str) -> CheckpointError:
@@ -253,6 +265,10 @@ def _read_tensor(path: Path, fh: BinaryIO, entry: _Entry, out: torch.Tensor | No
     """
     if out is None or tuple(out.shape) != entry.shape or not out.is_contiguous():
         out = None
+    if out is not None and out.dtype.is_floating_point != entry.dtype.is_floating_point:
+        raise CheckpointError(f"{path}: tensor '{entry.name}' is stored as {_type_name(entry.dtype)}, but it is a "
+                              f"{_type_name(out.dtype)} weight: the file is damaged or belongs to another model. "
+                              "Re-download it.")
     direct = out is not None and out.device.type == "cpu" and out.dtype == entry.dtype
     if out is None or direct:
         tensor = out if direct else torch.empty(entry.shape, dtype=entry.dtype)
@@ -490,14 +506,43 @@ def _header_entries(path: Path) -> list[_Entry]:
         return _read_safetensors_header(path, fh)
 
 
+def _duplicate(name: str, first: Path, second: Path) -> CheckpointError:
+    return CheckpointError(
+        f"The tensor '{name}' is stored twice, in {first.name} and in {second.name} of {first.parent}: the folder "
+        "mixes files of different downloads or versions. Re-download the checkpoint into an empty folder.")
+
+
+def _weight_headers(folder: str | Path) -> Iterator[tuple[Path, list[_Entry] | None]]:
+    """Every weight file of ``folder`` with its safetensors header entries (None for a ``.bin``), checked across
+    files: no tensor stored in two files, and every tensor an index places in a shard found in that shard."""
+    folder = Path(folder)
+    seen: dict[str, Path] = {}
+    for path, listed in _weight_layout(folder).items():
+        if path.suffix != ".safetensors":
+            yield path, None
+            continue
+        entries = _header_entries(path)
+        for entry in entries:
+            if entry.name in seen:
+                raise _duplicate(entry.name, seen[entry.name], path)
+            seen[entry.name] = path
+        absent = sorted(set(listed or ()) - {e.name for e in entries})
+        if absent:
+            raise CheckpointError(
+                f"{folder / SAFETENSORS_INDEX} places {len(absent)} tensor(s) in {path.name} that it does not hold "
+                f"({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}): the index and the shards come from "
+                "different downloads or versions. Re-download the checkpoint into an empty folder.")
+        yield path, entries
+
+
 def stored_size(folder: str | Path, skip: Callable[[str], bool] | None = None) -> StoredSize:
     """Measure every weight file of ``folder``; safetensors tensors named so that ``skip(name)`` is true are
     not counted. Checks each file's container on the way (safetensors header, zip directory, the torch
     version for pickles), so a broken file is reported before anything is allocated."""
     elements = pickle_bytes = 0
-    for path in weight_files(folder):
-        if path.suffix == ".safetensors":
-            elements += sum(e.numel for e in _header_entries(path) if skip is None or not skip(e.name))
+    for path, entries in _weight_headers(folder):
+        if entries is not None:
+            elements += sum(e.numel for e in entries if skip is None or not skip(e.name))
         else:
             _require_safe_unpickler(path)
             pickle_bytes += _pickle_data_bytes(path)
@@ -519,27 +564,34 @@ def iter_checkpoint(folder: str | Path, destination: Destination | None = None, 
     is only valid until the next one is asked for. Tensors named so that ``by_rows(name)`` is true come as
     :class:`RowBlocks`, read a block of rows at a time (a 0.8 GB embedding table never whole in memory).
     """
+    seen: dict[str, Path] = {}
     for path in weight_files(folder):
         logger.info("reading %s", path)
-        if path.suffix == ".safetensors":
-            yield from _iter_safetensors(path, destination, by_rows)
-        else:
-            yield from _iter_pickle(path, destination, stream, by_rows)
+        tensors = (_iter_safetensors(path, destination, by_rows) if path.suffix == ".safetensors" else
+                   _iter_pickle(path, destination, stream, by_rows))
+        for name, tensor in tensors:
+            if name in seen:
+                raise _duplicate(name, seen[name], path)
+            seen[name] = path
+            yield name, tensor
 
 
 def safetensors_names(folder: str | Path) -> list[str]:
     """Names of the tensors in the safetensors files of ``folder``, from their headers (``.bin`` files are not
     opened)."""
-    return [e.name for path in weight_files(folder) if path.suffix == ".safetensors" for e in _header_entries(path)]
+    return [e.name for _, entries in _weight_headers(folder) for e in entries or ()]
 
 
 def tensor_specs(folder: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """``name -> (shape, dtype)`` of every stored tensor, from safetensors headers and memory-mapped pickles
     (no tensor data is read)."""
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for path in weight_files(folder):
-        if path.suffix == ".safetensors":
-            specs.update((e.name, (e.shape, e.dtype)) for e in _header_entries(path))
-        else:
-            specs.update((n, (tuple(t.shape), t.dtype)) for n, t in _load_pickle(path, mmap=True).items())
+    where: dict[str, Path] = {}
+    for path, entries in _weight_headers(folder):
+        found = ([(e.name, e.shape, e.dtype) for e in entries] if entries is not None else
+                 [(n, tuple(t.shape), t.dtype) for n, t in _load_pickle(path, mmap=True).items()])
+        for name, shape, dtype in found:
+            if name in where:
+                raise _duplicate(name, where[name], path)
+            where[name], specs[name] = path, (shape, dtype)
     return specs

@@ -42,6 +42,7 @@ MAX_LLM_LAYERS = 512  # num_hidden_layers [30]
 MAX_HEADS = 1024  # attention heads of the LLM and the vision tower [32]
 MAX_VOCAB = 1 << 20  # vocab_size [102400]
 MAX_POSITIONS = 1 << 20  # max_position_embeddings [16384]
+MIN_POSITIONS = 1024  # the 576 image positions (577 for JanusFlow) plus a prompt; editing needs ~1.8k
 MAX_ROPE_THETA = 1e12  # rope_theta [10000]
 MAX_WIDTH = 65536  # aligner / gen-head widths [4096]
 MAX_PROJECTOR_DEPTH = 16  # aligner depth [2]
@@ -57,6 +58,8 @@ MAX_LATENT_CHANNELS = 64  # JanusFlow latent channels [4]
 MAX_FLOW_BLOCKS = 64  # JanusFlow layers_in_middle [2]
 MAX_FLOW_KERNEL = 64  # JanusFlow patchify kernel, stride, padding [2]
 MAX_FLOW_UPSAMPLES = 8  # JanusFlow decoder upsamples [1]
+FLOW_LATENT_SIZE = 48  # JanusFlow's SDXL-VAE latent side (384 px / 8)
+FLOW_GRID = 24  # its U-ViT token grid side: the 576 image positions of the prompt
 
 # The defaults of transformers' LlamaConfig at the time the checkpoints were saved. Janus-Pro-7B's
 # language_config omits the sizes and relies on them; we state them here so a future transformers
@@ -71,7 +74,6 @@ LLAMA_DEFAULTS: dict[str, Any] = {
     "max_position_embeddings": 2048,
     "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
     "attention_bias": False,
 }
 
@@ -101,7 +103,6 @@ class LlamaSpec:
     rms_norm_eps: float
     rope_theta: float
     hidden_act: str
-    tie_word_embeddings: bool
 
     @property
     def head_dim(self) -> int:
@@ -215,6 +216,7 @@ def llama_spec(language_config: dict, file: str = "config.json") -> LlamaSpec:
     hidden_act = f.text("hidden_act", d["hidden_act"])
     if hidden_act != "silu":
         raise f.fail("hidden_act", f"is '{hidden_act}'; Janus language models use 'silu'")
+    _refuse_unsupported_llama_options(f, hidden // heads)
     return LlamaSpec(
         vocab_size=f.integer("vocab_size", 1, MAX_VOCAB, d["vocab_size"]),
         hidden_size=hidden,
@@ -222,13 +224,27 @@ def llama_spec(language_config: dict, file: str = "config.json") -> LlamaSpec:
         num_hidden_layers=f.integer("num_hidden_layers", 1, MAX_LLM_LAYERS, d["num_hidden_layers"]),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=f.integer("max_position_embeddings", 1, MAX_POSITIONS,
+        max_position_embeddings=f.integer("max_position_embeddings", MIN_POSITIONS, MAX_POSITIONS,
                                           d["max_position_embeddings"]),
         rms_norm_eps=f.number("rms_norm_eps", 0.0, 1.0, d["rms_norm_eps"]),
         rope_theta=f.number("rope_theta", 0.0, MAX_ROPE_THETA, d["rope_theta"]),
         hidden_act=hidden_act,
-        tie_word_embeddings=f.flag("tie_word_embeddings", d["tie_word_embeddings"]),
     )
+
+
+def _refuse_unsupported_llama_options(f: JsonFields, head_dim: int) -> None:
+    """Refuse LlamaConfig options no Janus release sets and this package does not implement (they would be
+    ignored, computing another network than the config describes)."""
+    off = {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+    for key, value in off.items():
+        if f.flag(key, value) != value:
+            raise f.fail(key, f"is {str(not value).lower()}, which no Janus release uses and this package does not "
+                         "support")
+    if f.has("rope_scaling"):
+        raise f.fail("rope_scaling", "is set, which no Janus release uses and this package does not support")
+    if f.has("head_dim") and f.integer("head_dim", 1, MAX_WIDTH) != head_dim:
+        raise f.fail("head_dim", f"differs from hidden_size / num_attention_heads ({head_dim}), which this package "
+                     "does not support")
 
 
 def siglip_spec(params: dict, file: str = "config.json", section: str = "vision_config.params") -> SiglipSpec:
@@ -282,7 +298,7 @@ def _vq_spec(params: JsonFields) -> VQSpec:
 def _flow_spec(cfg: JsonFields) -> FlowSpec:
     enc = _params(cfg, "vision_gen_enc_config")
     dec = _params(cfg, "vision_gen_dec_config")
-    return FlowSpec(
+    spec = FlowSpec(
         enc_channels=enc.integers("block_out_channels", 1, MAX_VIT_WIDTH, MAX_VQ_LEVELS, [768])[-1],
         dec_channels=dec.integer("in_channels", 1, MAX_VIT_WIDTH, 768),
         latent_channels=enc.integer("input_channels", 1, MAX_LATENT_CHANNELS, 4),
@@ -295,6 +311,15 @@ def _flow_spec(cfg: JsonFields) -> FlowSpec:
         upsamples=dec.integer("upsamples", 1, MAX_FLOW_UPSAMPLES, 1),
         norm_eps=enc.number("norm_eps", 0.0, 1.0, 1e-6),
     )
+    side = (FLOW_LATENT_SIZE + 2 * spec.padding - spec.kernel_size) // spec.stride + 1
+    if side != FLOW_GRID:
+        raise enc.fail("kernel_size", f"= {spec.kernel_size} with stride {spec.stride} and padding {spec.padding} "
+                       f"turns the {FLOW_LATENT_SIZE}x{FLOW_LATENT_SIZE} latent into {side}x{side} tokens, not the "
+                       f"{FLOW_GRID}x{FLOW_GRID} JanusFlow's prompt has positions for")
+    if FLOW_GRID * 2 ** spec.upsamples != FLOW_LATENT_SIZE:
+        raise dec.fail("upsamples", f"= {spec.upsamples} does not turn the {FLOW_GRID}x{FLOW_GRID} tokens back into "
+                       f"the {FLOW_LATENT_SIZE}x{FLOW_LATENT_SIZE} latent")
+    return spec
 
 
 def _require_equal(section: JsonFields, key: str, value: int, other: int, what: str) -> None:

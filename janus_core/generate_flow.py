@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .arguments import finite_number, whole_number
+from .config import FLOW_LATENT_SIZE
 from .errors import JanusError
 from .llm import forward_bytes, kv_cache_bytes, work_buffer_bytes
 from .memory import check_fits
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 SDXL_VAE_SCALING = 0.13025
 VAE_DOWNSCALE = 8  # SDXL-VAE pixels per latent pixel
-LATENT_SIZE = 48  # 384 px / 8
+LATENT_SIZE = FLOW_LATENT_SIZE  # 384 px / 8
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 

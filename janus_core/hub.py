@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .config import JanusConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, model_files
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,12 @@ def download_model(repo_id: str, target: Path) -> Path:
         return CheckpointError(f"{what} ({cause}). {kept}. Check the connection and run again to resume, or "
                                f"download the repository yourself into {target}.")
 
+    if target.exists():  # not a model folder (the caller looked): downloading into it would end in a clash
+        raise CheckpointError(f"{target} exists but holds no complete checkpoint (no config.json), so {repo_id} "
+                              f"cannot be downloaded there. Delete or rename {target}, then run again.")
+    if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+        raise CheckpointError(f"{partial} is a file, not an unfinished download folder; delete or rename it, then "
+                              "run again.")
     try:
         expected, revision = _repo_files(repo_id)
     except Exception as exc:  # offline, connection error, 5xx, unknown repo: nothing new was written
@@ -209,7 +215,8 @@ def download_model(repo_id: str, target: Path) -> Path:
         raise CheckpointError(f"{repo_id} lists files outside its folder ({', '.join(unsafe)}); not downloading it.")
     if "config.json" not in expected:
         raise CheckpointError(f"{repo_id} has no config.json; is '{repo_id}' a Janus repository?")
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    with model_files(str(partial.parent)):  # a models folder that is a file, or not writable
+        partial.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading %s into %s (resumable; progress below)", repo_id, partial)
     error = None
     try:
@@ -265,6 +272,11 @@ def resolve_model_path(name_or_path: str | Path, search_dirs: list[Path], downlo
     """
     text = str(name_or_path).strip()
     direct = Path(text).expanduser()
+    if direct.name.endswith(PARTIAL_SUFFIX):
+        release = known_name(direct.name.removesuffix(PARTIAL_SUFFIX))
+        resume = f"run again with --model {release} to resume it" if release else "finish or repeat the download"
+        raise CheckpointError(f"'{text}' is an unfinished download (a '{PARTIAL_SUFFIX}' folder is never loaded): "
+                              f"{resume}, then use the folder without '{PARTIAL_SUFFIX}'.")
     if is_model_folder(direct):
         return direct
     inside = [Path(base) / text.replace("\\", "/") for base in search_dirs] if escape_reason(text) is None else []

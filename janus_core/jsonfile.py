@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, file_error
 
 # The largest JSON file of a release is tokenizer.json (4.7 MB); anything far bigger is not a side file.
 MAX_JSON_BYTES = 64 << 20
@@ -40,7 +40,7 @@ def read_json(path: Path, expect: type = dict) -> Any:
     except RecursionError as exc:
         raise CheckpointError(f"{path} is nested too deeply to be a checkpoint's JSON file. {fix}") from exc
     except OSError as exc:
-        raise CheckpointError(f"{path} could not be read ({exc.strerror or exc}). {fix}") from exc
+        raise file_error(exc, str(path)) from exc
     if not isinstance(value, expect):
         raise CheckpointError(f"{path} holds {kind(value)} where {kind(expect())} was expected. {fix}")
     return value

@@ -30,7 +30,7 @@ from torch import nn
 
 from .checkpoint import StoredSize, iter_checkpoint, stored_size, trim_heap
 from .config import JanusConfig, load_config
-from .errors import CheckpointError, JanusError
+from .errors import CheckpointError, JanusError, model_files
 from .llm import LlamaRunner, cpu_unpack_layers, pack_projections, packed_slots
 from .modules.composite import COMPONENT_OF, JanusARNet, JanusFlowNet
 from .precision import Precision, precision_for
@@ -235,9 +235,12 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
             else:
                 unexpected.append(name)
             continue
-        shape, _ = expected[name]
+        shape, kind = expected[name]
         if tuple(tensor.shape) != shape:
             misshaped.append(f"{name}: checkpoint {list(tensor.shape)} vs model {list(shape)}")
+            continue
+        if tensor.dtype.is_floating_point != kind.is_floating_point:
+            misshaped.append(f"{name}: checkpoint {tensor.dtype} vs model {kind} (integer and floating-point types)")
             continue
         slot = slots.get(name)
         if slot is not None:
@@ -254,7 +257,7 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
     missing = sorted(missing - {m.split(":")[0] for m in misshaped})
     problems = []
     if misshaped:
-        problems.append("tensors with the wrong shape (config.json and weights disagree):\n  "
+        problems.append("tensors of the wrong shape or type (config.json and weights disagree):\n  "
                         + _listing(misshaped, "\n  "))
     if missing:
         problems.append(f"{len(missing)} missing tensor(s): " + _listing(missing))
@@ -312,64 +315,65 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     its kernels by :meth:`JanusModel.pack_projections` after the move.
     """
     folder = Path(path).expanduser()
-    config = load_config(folder, variant=variant)
-    tokenizer = JanusTokenizer(folder)
-    image_processor = ImagePreprocessor.from_folder(folder)
-    device = resolve_device(device)
-    # where the weights will run (ComfyUI: its compute device); only the precision is chosen for it here
-    compute = torch.device(compute_device) if compute_device is not None else device
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise JanusError(f"dtype must be a floating point torch dtype such as torch.bfloat16, got {dtype!r}.")
-    precision = precision_for(compute, dtype)
-    if quantize is not None:
-        check_mode(quantize)
-    if config.llm.vocab_size < tokenizer.vocab_size:
-        raise CheckpointError(
-            f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary has "
-            f"{config.llm.vocab_size}; the tokenizer belongs to another model."
-        )
-    if image_processor.image_size != config.siglip.image_size:
-        raise CheckpointError(
-            f"preprocessor_config.json in {folder} resizes images to {image_processor.image_size} pixels but the "
-            f"vision tower of config.json takes {config.siglip.image_size}; the files belong to different "
-            "models. Re-download the checkpoint."
-        )
-    stored_folder = quant_folder.read_quantization(folder)
-    stored = stored_size(folder, skip=is_unused_key)
-    llm_values = (config.llm.parameter_count if stored_folder is None else
-                  quant_folder.quantized_llm_elements(config.llm, stored_folder.mode, stored_folder.lm_head,
-                                                      stored_folder.embeddings))
-    check_weight_count(stored, folder, llm_values, exact=False)  # before building anything
-    try:
-        with torch.device("meta"):
-            net = JanusFlowNet(config) if config.is_flow else JanusARNet(config)
-    except (ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{folder / 'config.json'} describes a network that cannot be built ({exc}). Fix config.json or "
-            "re-download the checkpoint."
-        ) from exc
-    if stored_folder is not None:  # the net as the folder stores it: its layers already quantized
-        quant_folder.check_folder(folder, stored_folder, net, quantize)
-        quantize_modules(net, stored_folder.mode, list(stored_folder.modules))
-        quant_folder.check_stored_dtypes(folder, quant_layers(net))
-    check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
-    quantized = None
-    if stored_folder is not None or quantize is not None:
-        # targets: the layers to quantize while the checkpoint streams in (None: the folder's are quantized)
-        targets = (None if stored_folder is not None else
-                   quantize_modules(net, quantize, standard_modules(net, quantize_lm_head, quantize_embeddings)))
-        quantized = QuantizedLayers(net, device, lambda name: weight_dtype(name, precision), targets,
-                                    prepare=compute == device, fallback=quantize_fallback)
-    load_weights(net, config, folder, device, precision, quantized)
-    if quantized is not None:
-        pack_projections(net.language_model)  # joins layers left in full precision, if any
-    net.eval().requires_grad_(False)
-    n_params = sum(p.numel() for p in net.parameters())
-    logger.info("%s: %s parameters on %s; precision: %s%s", config.variant, _readable_count(n_params), device,
-                precision.describe(),
-                f" ({quantized_mode(net)} layers: {param_bytes_of(net) / 1e9:.2f} GB)" if quantized else "")
-    return JanusModel(net, config, tokenizer, image_processor, folder, precision,
-                      quantize_fallback=quantize_fallback)
+    with model_files(str(folder)):  # an unreadable file or folder: named, with what to do
+        config = load_config(folder, variant=variant)
+        tokenizer = JanusTokenizer(folder)
+        image_processor = ImagePreprocessor.from_folder(folder)
+        device = resolve_device(device)
+        # where the weights will run (ComfyUI: its compute device); only the precision is chosen for it here
+        compute = torch.device(compute_device) if compute_device is not None else device
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise JanusError(f"dtype must be a floating point torch dtype such as torch.bfloat16, got {dtype!r}.")
+        precision = precision_for(compute, dtype)
+        if quantize is not None:
+            check_mode(quantize)
+        if config.llm.vocab_size < tokenizer.vocab_size:
+            raise CheckpointError(
+                f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+                f"{config.llm.vocab_size}; the tokenizer belongs to another model."
+            )
+        if image_processor.image_size != config.siglip.image_size:
+            raise CheckpointError(
+                f"preprocessor_config.json in {folder} resizes images to {image_processor.image_size} pixels but the "
+                f"vision tower of config.json takes {config.siglip.image_size}; the files belong to different "
+                "models. Re-download the checkpoint."
+            )
+        stored_folder = quant_folder.read_quantization(folder)
+        stored = stored_size(folder, skip=is_unused_key)
+        llm_values = (config.llm.parameter_count if stored_folder is None else
+                      quant_folder.quantized_llm_elements(config.llm, stored_folder.mode, stored_folder.lm_head,
+                                                          stored_folder.embeddings))
+        check_weight_count(stored, folder, llm_values, exact=False)  # before building anything
+        try:
+            with torch.device("meta"):
+                net = JanusFlowNet(config) if config.is_flow else JanusARNet(config)
+        except (ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{folder / 'config.json'} describes a network that cannot be built ({exc}). Fix config.json or "
+                "re-download the checkpoint."
+            ) from exc
+        if stored_folder is not None:  # the net as the folder stores it: its layers already quantized
+            quant_folder.check_folder(folder, stored_folder, net, quantize)
+            quantize_modules(net, stored_folder.mode, list(stored_folder.modules))
+            quant_folder.check_stored_dtypes(folder, quant_layers(net))
+        check_weight_count(stored, folder, sum(t.numel() for t in net.state_dict().values()))
+        quantized = None
+        if stored_folder is not None or quantize is not None:
+            # targets: the layers to quantize while the checkpoint streams in (None: the folder's are quantized)
+            targets = (None if stored_folder is not None else
+                       quantize_modules(net, quantize, standard_modules(net, quantize_lm_head, quantize_embeddings)))
+            quantized = QuantizedLayers(net, device, lambda name: weight_dtype(name, precision), targets,
+                                        prepare=compute == device, fallback=quantize_fallback)
+        load_weights(net, config, folder, device, precision, quantized)
+        if quantized is not None:
+            pack_projections(net.language_model)  # joins layers left in full precision, if any
+        net.eval().requires_grad_(False)
+        n_params = sum(p.numel() for p in net.parameters())
+        logger.info("%s: %s parameters on %s; precision: %s%s", config.variant, _readable_count(n_params), device,
+                    precision.describe(),
+                    f" ({quantized_mode(net)} layers: {param_bytes_of(net) / 1e9:.2f} GB)" if quantized else "")
+        return JanusModel(net, config, tokenizer, image_processor, folder, precision,
+                          quantize_fallback=quantize_fallback)
 
 
 def param_bytes_of(net: nn.Module) -> int:

@@ -248,7 +248,7 @@ class ImagePreprocessor:
     def from_folder(cls, folder: str | Path) -> ImagePreprocessor:
         """The settings of ``<folder>/preprocessor_config.json`` (defaults when the file is absent)."""
         path = Path(folder) / "preprocessor_config.json"
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             return cls()
         fields = JsonFields(str(path), "", read_json(path))
         d = cls()

@@ -241,6 +241,14 @@ VISION = "vision_config.params.siglip_cfg_override"
     (f"{LANG}.hidden_act", "gelu", "hidden_act is 'gelu'; Janus language models use 'silu'"),
     (f"{LANG}.tie_word_embeddings", "no", "tie_word_embeddings must be true or false"),
     (f"{LANG}.max_position_embeddings", 0, "max_position_embeddings = 0 is outside"),
+    # too few positions for the 576 image tokens and a prompt: refused at load, not mid-generation
+    (f"{LANG}.max_position_embeddings", 600, r"max_position_embeddings = 600 is outside the plausible range 1024\.\."),
+    # LlamaConfig options no release sets: building without them would compute another network
+    (f"{LANG}.tie_word_embeddings", True, "tie_word_embeddings is true, which no Janus release uses"),
+    (f"{LANG}.attention_bias", True, "attention_bias is true, which no Janus release uses"),
+    (f"{LANG}.mlp_bias", True, "mlp_bias is true"),
+    (f"{LANG}.rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling is set"),
+    (f"{LANG}.head_dim", 8, r"head_dim differs from hidden_size / num_attention_heads \(16\)"),
     ("gen_vision_config.params.ch_mult", [], r"ch_mult must be a list of 1 to 8 integers, found \[\]"),
     ("gen_vision_config.params.ch_mult", "11224", "ch_mult must be a list"),
     ("gen_vision_config.params.ch_mult", [1, 0], r"ch_mult\[1\] = 0 is outside"),
@@ -276,6 +284,10 @@ def test_implausible_or_inconsistent_configs(tmp_path, dotted, value, message):
     ("vision_gen_enc_config.params.block_out_channels", [32, -1], r"block_out_channels\[1\] = -1 is outside"),
     ("vision_gen_dec_config.params.upsamples", 0, "upsamples = 0 is outside the plausible range 1..8"),
     ("vision_gen_enc_config.params.kernel_size", 0, "kernel_size = 0 is outside"),
+    # patchify settings that do not give the 24 x 24 grid the prompt reserves: refused at load
+    ("vision_gen_enc_config.params.stride", 1, "turns the 48x48 latent into 47x47 tokens, not the 24x24"),
+    ("vision_gen_enc_config.params.padding", 1, "with stride 2 and padding 1 turns the 48x48 latent into 25x25"),
+    ("vision_gen_dec_config.params.upsamples", 2, "upsamples = 2 does not turn the 24x24 tokens back"),
     ("vision_gen_enc_config.params.norm_eps", -1e-6, "norm_eps = -1e-06 is outside"),
     ("vision_gen_dec_config.params", [1], "'vision_gen_dec_config.params' must be a JSON object"),
     ("vision_und_enc_config.params.siglip_cfg_override.width", 10**6, "width = 1000000 is outside"),

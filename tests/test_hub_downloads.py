@@ -214,3 +214,39 @@ def test_listing_with_a_file_outside_the_folder_is_refused(fake_hub, models, mon
     with pytest.raises(CheckpointError, match=r"lists files outside its folder \('../evil.json'"):
         download(models)
     assert fake_hub.downloads == 0 and not (models / "Janus-Pro-1B.partial").exists()
+
+
+def test_a_folder_in_the_way_is_reported_before_downloading(fake_hub, models):
+    (models / "Janus-Pro-1B").mkdir(parents=True)  # e.g. made by hand, or by an older version, without weights
+    with pytest.raises(CheckpointError, match=r"Janus-Pro-1B exists but holds no complete checkpoint .no "
+                                              r"config.json.*Delete or rename"):
+        download(models)
+    assert fake_hub.downloads == 0 and not (models / "Janus-Pro-1B.partial").exists()
+
+
+def test_a_file_named_like_the_partial_download_is_reported(fake_hub, models):
+    models.mkdir()
+    (models / "Janus-Pro-1B.partial").write_text("not a download")
+    with pytest.raises(CheckpointError, match="Janus-Pro-1B.partial is a file, not an unfinished download folder"):
+        download(models)
+    assert fake_hub.downloads == 0
+
+
+def test_a_models_folder_that_is_a_file_is_reported(fake_hub, tmp_path):
+    blocked = tmp_path / "models-file"
+    blocked.write_text("")
+    with pytest.raises(CheckpointError, match="models-file.*Not a directory"):
+        hub.resolve_model_path("Janus-Pro-1B", [], download_dir=blocked / "Janus")
+    assert fake_hub.downloads == 0
+
+
+@pytest.mark.parametrize("name", ["Janus-Pro-1B.partial", "PARTIAL_PATH"])
+def test_an_unfinished_download_is_never_loaded_by_name(fake_hub, models, name):
+    fake_hub.fail_at = 3
+    with pytest.raises(CheckpointError):
+        download(models)
+    partial = models / "Janus-Pro-1B.partial"
+    shutil.copy(PRO_TINY / "config.json", partial / "config.json")  # looks like a model folder now
+    value = str(partial) if name == "PARTIAL_PATH" else name
+    with pytest.raises(CheckpointError, match="is an unfinished download.*run again with --model Janus-Pro-1B"):
+        hub.resolve_model_path(value, [models], download_dir=models)

@@ -392,3 +392,117 @@ def test_unreadable_preprocessor_config(tmp_path, content, message):
     (folder / "preprocessor_config.json").write_bytes(content)
     with pytest.raises(CheckpointError, match=f"preprocessor_config.json {message}"):
         load_model(folder, device="cpu")
+
+
+# --- files the system will not read, mixed downloads, integers where weights belong ---------------------------
+
+def deny_reading(monkeypatch, victim: Path) -> None:
+    """Make opening ``victim`` fail as a file without read permission does (tests may run as root, where
+    chmod 000 does not stop a read)."""
+    real_open = Path.open
+
+    def guarded(self, *args, **kwargs):
+        if self == victim:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "open", guarded)
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "preprocessor_config.json", "config.json"])
+def test_unreadable_files_are_named_with_what_to_do(tmp_path, monkeypatch, file):
+    folder = full_copy(tmp_path / "m")
+    deny_reading(monkeypatch, folder / file)
+    with pytest.raises(CheckpointError) as info:
+        load_model(folder, device="cpu")
+    assert str(info.value).startswith(f"{folder / file}: Permission denied. Give the user running ComfyUI")
+
+
+def test_unreadable_weight_file_on_the_command_line(tmp_path, monkeypatch, caplog):
+    from janus_core import cli
+
+    folder = full_copy(tmp_path / "m")
+    deny_reading(monkeypatch, folder / "model.safetensors")
+    argv = ["generate", "--model", str(folder), "--prompt", "a cat", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2  # a user mistake: one ERROR line, no traceback
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "model.safetensors: Permission denied" in errors[0]
+
+
+def retype(path: Path, name: str, dtype: str) -> None:
+    """Rewrite the safetensors header of ``path`` so that tensor ``name`` claims ``dtype`` (same byte size)."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header[name]["dtype"] = dtype
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (length - len(blob))
+    assert len(blob) == length
+    path.write_bytes(raw[:8] + blob + raw[8 + length:])
+
+
+def test_integer_data_for_a_float_weight_is_refused(tmp_path):
+    folder = full_copy(tmp_path / "m")
+    name = next(n for n, t in stored().items() if t.dtype in (torch.bfloat16, torch.float16))
+    retype(folder / "model.safetensors", name, "I16")
+    with pytest.raises(CheckpointError, match=f"tensor '{re.escape(name)}' is stored as int16, but it is a "
+                                              r"floating-point \(.*\) weight.*Re-download"):
+        load_model(folder, device="cpu")
+
+
+def test_integer_data_for_a_float_weight_in_a_bin_is_refused(tmp_path):
+    folder = full_copy(tmp_path / "m")
+    tensors = stored()
+    name = "aligner.layers.0.weight"
+    tensors[name] = tensors[name].view(torch.int16) if tensors[name].element_size() == 2 else tensors[name].int()
+    (folder / "model.safetensors").unlink()
+    torch.save(tensors, folder / "pytorch_model.bin")
+    for quantize in (None, "int8"):
+        with pytest.raises(CheckpointError, match=f"{name}: checkpoint torch.int.* vs model torch.float"):
+            load_model(folder, device="cpu", quantize=quantize)
+
+
+def test_a_tensor_stored_in_two_shards_is_refused(sharded):
+    from safetensors.torch import load_file, save_file
+
+    first = load_file(str(sharded / SHARD_1))
+    name = sorted(first)[0]
+    second = load_file(str(sharded / SHARD_2))
+    save_file({**second, name: torch.zeros_like(first[name])}, str(sharded / SHARD_2))
+    expected = f"'{re.escape(name)}' is stored twice, in {SHARD_1} and in {SHARD_2}.*Re-download"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(sharded, device="cpu")
+    from janus_core.quant.folder import save_quantized
+
+    with pytest.raises(CheckpointError, match=expected):
+        save_quantized(sharded, sharded.parent / "q", "int8")
+
+
+def test_a_tensor_stored_in_two_bin_shards_is_refused(tmp_path):
+    from tests.test_checkpoint import make_sharded_bin
+
+    folder = side_files(tmp_path / "m")
+    make_sharded_bin(folder)
+    shards = sorted(folder.glob("*.bin"))
+    a, b = (torch.load(p, weights_only=True) for p in shards)
+    name = sorted(a)[0]
+    torch.save({**b, name: torch.zeros_like(a[name])}, shards[1])
+    with pytest.raises(CheckpointError, match=f"'{re.escape(name)}' is stored twice"):
+        load_model(folder, device="cpu")
+
+
+def test_an_index_that_misplaces_a_tensor_is_refused(sharded):
+    index = json.loads((sharded / INDEX).read_text())
+    name = next(k for k, v in index["weight_map"].items() if v == SHARD_1)
+    index["weight_map"][name] = SHARD_2
+    (sharded / INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"places 1 tensor.s. in {SHARD_2} that it does not hold "
+                                              f"\\({re.escape(name)}\\).*different downloads"):
+        load_model(sharded, device="cpu")
+
+
+def test_preprocessor_config_that_is_a_folder_is_refused(tmp_path):
+    folder = full_copy(tmp_path / "m")
+    (folder / "preprocessor_config.json").unlink()
+    (folder / "preprocessor_config.json").mkdir()
+    with pytest.raises(CheckpointError, match="preprocessor_config.json: Is a directory"):
+        load_model(folder, device="cpu")

@@ -438,6 +438,21 @@ def test_saving_refuses_existing_and_quantized_folders(int4_folder, tmp_path):
         save_quantized(int4_folder, tmp_path / "twice", "int8")
 
 
+@pytest.mark.parametrize("leftover", ["file", "symlink"])
+def test_saving_refuses_a_partial_name_that_is_no_folder(tmp_path, leftover):
+    out = tmp_path / "q"
+    partial = tmp_path / "q.partial"
+    if leftover == "file":
+        partial.write_text("not ours")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        partial.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(JanusError, match=r"q\.partial exists and is not a folder an earlier quantize run left"):
+        save_quantized(PRO_TINY, out, "int8")
+    assert partial.is_symlink() or partial.read_text() == "not ours"  # left as it was
+    assert not out.exists()
+
+
 def test_quantized_folder_with_another_option_is_refused(int4_folder):
     with pytest.raises(JanusError, match="holds int4 weights.*cannot be loaded as int8"):
         janus_core.load_model(int4_folder, device="cpu", quantize="int8")
@@ -471,6 +486,7 @@ def test_quantizing_the_uvit_is_refused(tmp_path):
     (lambda r: r.update(mode="int3"), "mode is 'int3'"),
     (lambda r: r.update(version=7), "version 7 of the quantized format"),
     (lambda r: r.update(modules=["gen_embed"]), "not one of the layers"),
+    (lambda r: r["modules"].append(r["modules"][0]), "modules names 'language_model.*' more than once"),
 ])
 def test_bad_quantization_record_is_refused(int4_folder, tmp_path, edit, phrase):
     with pytest.raises(CheckpointError, match=phrase):

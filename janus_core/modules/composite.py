@@ -46,7 +46,7 @@ def build_llama(spec: LlamaSpec) -> nn.Module:
         rms_norm_eps=spec.rms_norm_eps,
         rope_theta=spec.rope_theta,
         hidden_act=spec.hidden_act,
-        tie_word_embeddings=spec.tie_word_embeddings,
+        tie_word_embeddings=False,  # config.llama_spec refuses tied releases
     )
     return LlamaForCausalLM(cfg)
 

@@ -35,7 +35,7 @@ from ..checkpoint import (
     weight_files,
 )
 from ..config import JanusConfig, LlamaSpec, load_config
-from ..errors import CheckpointError, JanusError
+from ..errors import CheckpointError, JanusError, model_files
 from ..jsonfile import JsonFields, read_json
 from . import formats
 from .linear import EMBEDDINGS, LM_HEAD, QuantWeights, check_modules, quantize_modules, standard_modules
@@ -99,6 +99,9 @@ def read_quantization(folder: str | Path) -> QuantizedFolder | None:
     modules = fields.get("modules")
     if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
         raise fields.fail("modules", "must be a non-empty list of layer names")
+    repeated = sorted({m for m in modules if modules.count(m) > 1})
+    if repeated:
+        raise fields.fail("modules", f"names '{repeated[0]}' more than once")
     return QuantizedFolder(mode, tuple(modules))
 
 
@@ -180,59 +183,63 @@ def save_quantized(source: str | Path, destination: str | Path, mode: str, *, lm
     from ..model import is_unused_key
 
     source, destination = Path(source).expanduser(), Path(destination).expanduser()
-    formats.check_mode(mode)
-    if read_quantization(source) is not None:
-        raise JanusError(f"{source} is already a quantized folder; quantize the original checkpoint instead.")
-    if destination.exists():
-        raise JanusError(f"{destination} already exists; choose a new folder for the quantized checkpoint.")
-    config = load_config(source, variant=variant)
-    net = _build_meta_net(config)
-    names = standard_modules(net, lm_head, embeddings)
-    targets = quantize_modules(net, mode, names)
-    stored = tensor_specs(source)
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for name, meta in net.state_dict().items():
-        if name.rsplit(".", 1)[0] in names and name.rsplit(".", 1)[1] in ("qweight", "qscale"):
-            specs[name] = (tuple(meta.shape), meta.dtype)
-        elif name in stored and stored[name][0] == tuple(meta.shape):
-            specs[name] = stored[name]
-        else:
-            found = f"holds {list(stored[name][0])}" if name in stored else "lacks it"
-            raise CheckpointError(f"{source} does not match its config.json: '{name}' should be "
-                                  f"{list(meta.shape)} but the checkpoint {found}. Re-download the checkpoint.")
-    partial = destination.with_name(destination.name + PARTIAL_SUFFIX)
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    writer = _StreamWriter(partial / WEIGHTS_FILE, specs)
-    try:
-        for name, tensor in iter_checkpoint(source, stream=True, by_rows=targets.__contains__):
-            target = targets.get(name)
-            if target is not None:
-                if tuple(tensor.shape) != (target.stop - target.start, target.module.in_features):
-                    raise CheckpointError(f"{source}: '{name}' has shape {list(tensor.shape)}, which does not match "
-                                          "config.json. Re-download the checkpoint.")
-                for first, block in tensor:
-                    for key, part in zip(("qweight", "qscale"), formats.quantize(block, mode), strict=True):
-                        writer.write(f"{target.module_name}.{key}", part, target.start + first)
-            elif name in specs:
-                writer.write(name, tensor)
-            elif not is_unused_key(name):
-                raise CheckpointError(f"{source} holds '{name}', which config.json does not describe. Re-download "
-                                      "the checkpoint or check config.json.")
-    finally:
-        missing = writer.close()
-    if missing:
-        raise CheckpointError(f"{source} lacks {len(missing)} tensor(s) config.json describes: "
-                              f"{', '.join(missing[:10])}. Re-download the checkpoint.")
-    for path in _side_files(source):
-        shutil.copyfile(path, partial / path.name)
-    record = {"format": FORMAT, "version": VERSION, "mode": mode, "group_size": formats.INT4_GROUP,
-              "scale_dtype": str(formats.SCALE_DTYPE).removeprefix("torch."), "modules": names}
-    (partial / QUANT_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    partial.rename(destination)
-    logger.info("wrote the %s checkpoint %s (%d quantized layers)", mode, destination, len(names))
-    return destination
+    with model_files(str(source)):  # an unreadable source, an unwritable destination: named
+        formats.check_mode(mode)
+        if read_quantization(source) is not None:
+            raise JanusError(f"{source} is already a quantized folder; quantize the original checkpoint instead.")
+        if destination.exists():
+            raise JanusError(f"{destination} already exists; choose a new folder for the quantized checkpoint.")
+        config = load_config(source, variant=variant)
+        net = _build_meta_net(config)
+        names = standard_modules(net, lm_head, embeddings)
+        targets = quantize_modules(net, mode, names)
+        stored = tensor_specs(source)
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for name, meta in net.state_dict().items():
+            if name.rsplit(".", 1)[0] in names and name.rsplit(".", 1)[1] in ("qweight", "qscale"):
+                specs[name] = (tuple(meta.shape), meta.dtype)
+            elif name in stored and stored[name][0] == tuple(meta.shape):
+                specs[name] = stored[name]
+            else:
+                found = f"holds {list(stored[name][0])}" if name in stored else "lacks it"
+                raise CheckpointError(f"{source} does not match its config.json: '{name}' should be "
+                                      f"{list(meta.shape)} but the checkpoint {found}. Re-download the checkpoint.")
+        partial = destination.with_name(destination.name + PARTIAL_SUFFIX)
+        if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+            raise JanusError(f"{partial} exists and is not a folder an earlier quantize run left behind; move it away "
+                             "or choose another output folder.")
+        if partial.exists():  # an interrupted earlier run
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        writer = _StreamWriter(partial / WEIGHTS_FILE, specs)
+        try:
+            for name, tensor in iter_checkpoint(source, stream=True, by_rows=targets.__contains__):
+                target = targets.get(name)
+                if target is not None:
+                    if tuple(tensor.shape) != (target.stop - target.start, target.module.in_features):
+                        raise CheckpointError(f"{source}: '{name}' has shape {list(tensor.shape)}, which does not "
+                                              "match config.json. Re-download the checkpoint.")
+                    for first, block in tensor:
+                        for key, part in zip(("qweight", "qscale"), formats.quantize(block, mode), strict=True):
+                            writer.write(f"{target.module_name}.{key}", part, target.start + first)
+                elif name in specs:
+                    writer.write(name, tensor)
+                elif not is_unused_key(name):
+                    raise CheckpointError(f"{source} holds '{name}', which config.json does not describe. Re-download "
+                                          "the checkpoint or check config.json.")
+        finally:
+            missing = writer.close()
+        if missing:
+            raise CheckpointError(f"{source} lacks {len(missing)} tensor(s) config.json describes: "
+                                  f"{', '.join(missing[:10])}. Re-download the checkpoint.")
+        for path in _side_files(source):
+            shutil.copyfile(path, partial / path.name)
+        record = {"format": FORMAT, "version": VERSION, "mode": mode, "group_size": formats.INT4_GROUP,
+                  "scale_dtype": str(formats.SCALE_DTYPE).removeprefix("torch."), "modules": names}
+        (partial / QUANT_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        partial.rename(destination)
+        logger.info("wrote the %s checkpoint %s (%d quantized layers)", mode, destination, len(names))
+        return destination
 
 
 def check_folder(folder: Path, quantized: QuantizedFolder, net: torch.nn.Module, requested: str | None) -> None:

@@ -85,6 +85,8 @@ class QuantizedLayers:
             want = (target.stop - target.start, layer.in_features)
             if tuple(tensor.shape) != want:
                 return f"{name}: checkpoint {list(tensor.shape)} vs model {list(want)}"
+            if not tensor.dtype.is_floating_point:
+                return f"{name}: checkpoint {tensor.dtype} vs model floating point (the weights to quantize)"
             staged = self._staging(target.module_name)
             blocks = tensor if isinstance(tensor, RowBlocks) else RowBlocks.of(tensor)
             for first, block in blocks:
