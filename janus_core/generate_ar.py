@@ -30,7 +30,7 @@ from .guidance import CFGPair, build_cfg_pair, check_pair_model, guide, row_embe
 from .image_tokens import check_init_tokens, encode_bytes, kept_prefix, vq_dtype
 from .images import ImagesArg, images_from_decoded
 from .llm import forward_bytes, kv_cache_bytes
-from .memory import check_fits, largest_fitting
+from .memory import Progress, check_fits, fitting_chunks
 from .model import JanusModel
 from .modules.siglip import vit_activation_bytes
 from .modules.vq import decoder_activation_bytes
@@ -317,12 +317,13 @@ def decode_bytes(model: JanusModel, batch: int) -> int:
 
 
 @torch.inference_mode()
-def decode_image_tokens(model: JanusModel, tokens: torch.Tensor) -> torch.Tensor:
+def decode_image_tokens(model: JanusModel, tokens: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
     """VQ ids ``[B, 576]`` -> images ``[B, 384, 384, 3]`` float32 in 0..1 on the CPU (ComfyUI IMAGE layout).
 
     Decodes as many images at once as fit in the decoder device's free memory (:func:`decode_bytes`; about
     0.23 GB per image in bfloat16 for the released models), so a large batch is decoded in chunks instead of
-    running out of memory; refused only when not even one image fits.
+    running out of memory; refused only when not even one image fits. ``progress(done, B)`` is called after
+    every few images (raise in it to cancel).
     """
     require_ar(model)
     grid = model.config.image_token_grid
@@ -331,12 +332,8 @@ def decode_image_tokens(model: JanusModel, tokens: torch.Tensor) -> torch.Tensor
     vq = model.net.gen_vision_model
     device = vq.post_quant_conv.weight.device
     count = tokens.shape[0]
-    chunk = max(largest_fitting(device, count, lambda n: decode_bytes(model, n), "VQ decoding"), 1)
-    if chunk < count:
-        logger.info("VQ decoding %d images in chunks of %d (free memory)", count, chunk)
     side = grid[0] * vq.downsample_factor, grid[1] * vq.downsample_factor
     images = torch.empty(count, *side, 3)
-    for start in range(0, count, chunk):
-        codes = tokens[start:start + chunk].to(device).long()
-        images[start:start + chunk] = images_from_decoded(vq.decode_code(codes, grid))
+    for span in fitting_chunks(device, count, lambda n: decode_bytes(model, n), "VQ decoding", progress):
+        images[span] = images_from_decoded(vq.decode_code(tokens[span].to(device).long(), grid))
     return images

@@ -38,7 +38,7 @@ from .memory import check_fits
 from .model import JanusModel
 from .modules.uvit import convnext_activation_bytes
 from .prefill import left_pad, prefill_rows
-from .prompts import IMAGE_TOKENS, check_same_model, encode_prompt, model_key
+from .prompts import IMAGE_TOKENS, PromptTokens, check_same_model, encode_prompt, is_blank, model_key, prompt_text
 from .sampling import GENERATOR_BYTES, check_guidance_weight, check_seed, row_generators
 
 logger = logging.getLogger(__name__)
@@ -143,9 +143,10 @@ def _require_flow(model: JanusModel, img2img: bool = False) -> None:
         )
 
 
-def build_flow_cfg(model: JanusModel, prompt: str, batch_size: int = 1,
-                   negative_prompt: str | None = None) -> FlowCFG:
-    """Template and tokenise ``prompt`` and build the CFG rows for ``batch_size`` images.
+def build_flow_cfg(model: JanusModel, prompt: str | PromptTokens, batch_size: int = 1,
+                   negative_prompt: str | PromptTokens | None = None) -> FlowCFG:
+    """Template and tokenise ``prompt`` and build the CFG rows for ``batch_size`` images (prompts may come as
+    :class:`PromptTokens` of this model, e.g. from ComfyUI's Prompt Encoder).
 
     Without ``negative_prompt`` (or with an empty one) the uncond rows are the reference's: BOS, then pads
     that are masked out. Otherwise they are the negative prompt's tokens (same template), and the shorter
@@ -153,9 +154,11 @@ def build_flow_cfg(model: JanusModel, prompt: str, batch_size: int = 1,
     """
     _require_flow(model)
     b = whole_number("batch_size", batch_size, minimum=1)
+    prompt = prompt_text(model, prompt, "prompt")
+    negative_prompt = None if negative_prompt is None else prompt_text(model, negative_prompt, "negative prompt")
     cond = encode_prompt(model, prompt).ids.tolist()
     pad = model.tokenizer.pad_id
-    if negative_prompt is None or (isinstance(negative_prompt, str) and not negative_prompt.strip()):
+    if is_blank(negative_prompt):
         negative_prompt = None
         uncond = [cond[0]] + [pad] * (len(cond) - 1)
         uncond_valid = [True] + [False] * (len(cond) - 1)

@@ -31,7 +31,7 @@ from .image_tokens import vq_codes
 from .images import ImagesArg
 from .model import JanusModel
 from .prefill import left_pad
-from .prompts import PromptTokens, check_same_model, encode_prompt, model_key, require_ar
+from .prompts import PromptTokens, check_same_model, encode_prompt, is_blank, model_key, require_ar
 from .sampling import cfg_mix
 
 
@@ -97,6 +97,9 @@ def build_cfg_pair(model: JanusModel, prompt: str | PromptTokens, batch_size: in
     """
     require_ar(model, None if image is None else "Instruction editing")
     batch_size = whole_number("batch_size", batch_size, minimum=1)
+    if isinstance(prompt, PromptTokens) and is_blank(prompt):
+        raise JanusError("The prompt is empty; describe the image you want (an empty prompt can only serve as the "
+                         "negative one, where it means no negative prompt).")
     if image is None:
         cond = prompt if isinstance(prompt, PromptTokens) else encode_prompt(model, prompt)
         check_pair_model(model, cond, "prompt")
@@ -108,7 +111,9 @@ def build_cfg_pair(model: JanusModel, prompt: str | PromptTokens, batch_size: in
         cond = encode_prompt(model, prompt, "edit instruction", edit=True)
         pixels = edit_pixels(model, image)
     negative_text = None
-    if negative_prompt is None or (isinstance(negative_prompt, str) and not negative_prompt.strip()):
+    if isinstance(negative_prompt, PromptTokens):
+        check_pair_model(model, negative_prompt, "negative prompt")
+    if is_blank(negative_prompt):
         uncond_ids = cond.ids.clone()
         uncond_ids[1:-1] = model.tokenizer.pad_id
     else:

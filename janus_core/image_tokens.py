@@ -8,11 +8,13 @@ Token masks select which of a set of init tokens generation samples anew (True =
 teacher-forced). :func:`pixel_mask_to_tokens` derives one from a pixel mask of the encoded image (ComfyUI's
 ``MASK``, 0..1, 1 = regenerate) by the preprocessing's geometry:
 
-1. the mask is fitted like the image: its long side to the image size and the short side in proportion
-   (:meth:`ImagePreprocessor.fitted_size`), bilinear with antialiasing, centred on a square of the image size
-   padded with 0 (keep), so the grey padding of a non-square image is always kept;
-2. each token covers a square cell of ``image size / grid side`` pixels (16 x 16 for the releases) and is
-   resampled when any pixel of its cell is at least 0.5, so every token a painted region touches is redrawn.
+1. a pixel of the mask is painted when it is at least 0.5;
+2. the painted pixels are fitted like the image: its long side to the image size and the short side in
+   proportion (:meth:`ImagePreprocessor.fitted_size`), each fitted pixel painted when any mask pixel it covers is
+   (a max-pool: a 1-px stroke on a 4k image survives the shrinking), centred on a square of the image size
+   padded with "keep", so the grey padding of a non-square image is always kept;
+3. each token covers a square cell of ``image size / grid side`` pixels (16 x 16 for the releases) and is
+   resampled when any pixel of its cell is painted, so every token a painted region touches is redrawn.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 from .errors import JanusError
 from .images import ImagesArg, unit_floats_to_uint8
-from .memory import largest_fitting
+from .memory import Progress, fitting_chunks
 from .model import JanusModel
 from .modules.vq import encoder_activation_bytes
 from .prompts import require_ar
@@ -45,29 +47,26 @@ def encode_bytes(model: JanusModel, batch: int) -> int:
     return pixels + encoder_activation_bytes(vq.ch, vq.ch_mult, vq.codebook_size, size, batch, dtype)
 
 
-def vq_codes(model: JanusModel, pixels: torch.Tensor) -> torch.Tensor:
+def vq_codes(model: JanusModel, pixels: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
     """Preprocessed pixels ``[N, 3, S, S]`` -> VQ codes ``[N, rows * cols]`` (LongTensor on the tokenizer's device).
 
     Encodes as many images at once as fit the device's free memory (:func:`encode_bytes`); refused with a
-    :class:`JanusError` only when not even one fits.
+    :class:`JanusError` only when not even one fits. ``progress(done, N)``: see :func:`memory.fitting_chunks`.
     """
     vq = model.net.gen_vision_model
     device, dtype = vq.post_quant_conv.weight.device, vq_dtype(model)
-    count = pixels.shape[0]
-    chunk = max(largest_fitting(device, count, lambda n: encode_bytes(model, n), "VQ encoding"), 1)
-    if chunk < count:
-        logger.info("VQ encoding %d images in chunks of %d (free memory)", count, chunk)
-    return torch.cat([vq.encode_to_codes(pixels[i:i + chunk].to(device=device, dtype=dtype))
-                      for i in range(0, count, chunk)])
+    spans = fitting_chunks(device, pixels.shape[0], lambda n: encode_bytes(model, n), "VQ encoding", progress)
+    return torch.cat([vq.encode_to_codes(pixels[span].to(device=device, dtype=dtype)) for span in spans])
 
 
 @torch.inference_mode()
-def encode_image_tokens(model: JanusModel, images: ImagesArg) -> torch.Tensor:
+def encode_image_tokens(model: JanusModel, images: ImagesArg, progress: Progress | None = None) -> torch.Tensor:
     """VQ tokens ``[N, rows * cols]`` (LongTensor on the CPU; 576 = 24 x 24 for the releases) of ``images``: PIL
     images of any mode or an IMAGE tensor ``[N, H, W, 3]`` in 0..1 (rules: :mod:`janus_core.images`), after the
-    model's image preprocessing (see the module docstring). Janus / Janus-Pro models only."""
+    model's image preprocessing (see the module docstring). Janus / Janus-Pro models only. ``progress(done, N)``
+    is called after every few images (raise in it to cancel)."""
     require_ar(model, "VQ encoding")
-    return vq_codes(model, model.image_processor.batch(images)).cpu()
+    return vq_codes(model, model.image_processor.batch(images), progress).cpu()
 
 
 def _rows_of(name: str, value: torch.Tensor, batch: int) -> torch.Tensor:
@@ -140,14 +139,13 @@ def pixel_mask_to_tokens(model: JanusModel, mask: torch.Tensor) -> torch.Tensor:
         got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise JanusError(f"The MASK must be a tensor [B, H, W] (or [H, W]) of values in 0..1, got {got}.")
     values = unit_floats_to_uint8(mask if mask.is_floating_point() else mask.float(), "The MASK")
-    values = (values.float() / 255.0).reshape(-1, 1, *mask.shape[-2:])
+    painted = (values >= 128).float().reshape(-1, 1, *mask.shape[-2:])  # 128 / 255: at least 0.5
     processor = model.image_processor
     height, width = mask.shape[-2:]
     new_w, new_h = processor.fitted_size(width, height)
     side = processor.image_size
-    fitted = F.interpolate(values, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    canvas = torch.zeros(values.shape[0], 1, side, side)
+    canvas = torch.zeros(painted.shape[0], 1, side, side)
     top, left = (side - new_h) // 2, (side - new_w) // 2
-    canvas[:, :, top:top + new_h, left:left + new_w] = fitted
+    canvas[:, :, top:top + new_h, left:left + new_w] = F.adaptive_max_pool2d(painted, (new_h, new_w))
     rows, _ = model.config.image_token_grid
-    return F.max_pool2d(canvas, side // rows)[:, 0] >= 0.5
+    return F.max_pool2d(canvas, side // rows)[:, 0] > 0

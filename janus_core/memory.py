@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -224,3 +224,25 @@ def largest_fitting(device: torch.device | str, count: int, bytes_for: Callable[
         else:
             high = mid
     return low
+
+
+Progress = Callable[[int, int], None]  # (items done, items in all); raising in it cancels
+
+# With a progress callback, a batch is worked through at most this many images at a time, so progress and Cancel
+# come at least that often.
+PROGRESS_CHUNK = 4
+
+
+def fitting_chunks(device: torch.device | str, count: int, bytes_for: Callable[[int], int], what: str,
+                   progress: Progress | None = None) -> Iterator[slice]:
+    """Consecutive spans of ``count`` items, each as large as fits ``device`` (:func:`largest_fitting`; at most
+    :data:`PROGRESS_CHUNK` with ``progress``, which is called ``(items done, count)`` after each span is worked)."""
+    chunk = max(largest_fitting(device, count, bytes_for, what), 1)
+    if progress is not None:
+        chunk = min(chunk, PROGRESS_CHUNK)
+    elif chunk < count:
+        logger.info("%s: %d images in chunks of %d (free memory)", what, count, chunk)
+    for start in range(0, count, chunk):
+        yield slice(start, min(start + chunk, count))
+        if progress is not None:
+            progress(min(start + chunk, count), count)

@@ -38,6 +38,22 @@ def check_same_model(model: JanusModel, variant: str, model_folder: str, what: s
         )
 
 
+def is_blank(prompt: str | PromptTokens | None) -> bool:
+    """Whether ``prompt`` is absent or blank (as a negative prompt: none); a blank :class:`PromptTokens` has no
+    tokens (``encode_prompt(..., blank_allowed=True)``)."""
+    if isinstance(prompt, PromptTokens):
+        return prompt.ids.numel() == 0
+    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
+
+
+def prompt_text(model: JanusModel, prompt: str | PromptTokens, what: str) -> str:
+    """The text of ``prompt``; a :class:`PromptTokens` must have been built with ``model``."""
+    if isinstance(prompt, PromptTokens):
+        check_same_model(model, prompt.variant, prompt.model_folder, what)
+        return prompt.text
+    return prompt
+
+
 def require_ar(model: JanusModel, task: str | None = None) -> None:
     """Raise for a JanusFlow ``model`` where VQ tokens are needed (``task`` names the job in the message)."""
     if not model.is_flow:
@@ -51,8 +67,12 @@ def require_ar(model: JanusModel, task: str | None = None) -> None:
                      "'JanusFlow ODE Sampler' node.")
 
 
-def encode_prompt(model: JanusModel, text: str, what: str = "prompt", *, edit: bool = False) -> PromptTokens:
+def encode_prompt(model: JanusModel, text: str, what: str = "prompt", *, edit: bool = False,
+                  blank_allowed: bool = False) -> PromptTokens:
     """Template ``text`` for text-to-image with the model's roles and tokenise it (``what`` names it in errors).
+
+    Blank text is refused, or with ``blank_allowed`` (ComfyUI's Prompt Encoder) returned as a blank prompt with no
+    tokens: the CFG pair builders take it as "no negative prompt" and refuse it as the prompt itself.
 
     ``edit``: the instruction-editing prompt instead (:func:`processor.editing_prompt`: the input image's feature
     placeholders and VQ-token pads before the instruction; AR models only). ``text`` stays text: special-token
@@ -62,6 +82,8 @@ def encode_prompt(model: JanusModel, text: str, what: str = "prompt", *, edit: b
     if not isinstance(text, str):
         raise JanusError(f"Expected the {what} as text, a PromptTokens or a CFGPair, got {type(text).__name__} "
                          "(a FlowCFG belongs to a JanusFlow model and its flow sampler).")
+    if blank_allowed and isinstance(text, str) and not text.strip():
+        return PromptTokens(text, "", torch.empty(0, dtype=torch.long), model.variant, model_key(model))
     if edit:
         check_text(what, text, "say how the image should change")
         rows, cols = model.config.image_token_grid

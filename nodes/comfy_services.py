@@ -173,6 +173,10 @@ class Progress:
             payload = ("JPEG", preview, preview_size()) if preview is not None else None
             self._bar.update_absolute(value, self.total, payload)
 
+    def update_count(self, done: int, total: int) -> None:
+        """:meth:`update` as a ``progress(done, total)`` callback of janus_core (``total`` is this bar's)."""
+        self.update(done)
+
 
 def previews_enabled() -> bool:
     """Whether ComfyUI was started with a preview method (``--preview-method``); False outside ComfyUI."""
@@ -207,7 +211,8 @@ def sdxl_latent_previewer(device: Any) -> Callable[[Any], Any] | None:
         return None
 
     def preview(latent: Any) -> Any:
-        return previewer.decode_latent_to_preview_image("JPEG", latent)[1]
+        # float32 as ComfyUI's samplers hand it over: TAESD's float32 weights refuse a bf16 latent
+        return previewer.decode_latent_to_preview_image("JPEG", latent.float())[1]
 
     return preview
 

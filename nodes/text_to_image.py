@@ -67,11 +67,13 @@ class DSJanusPromptEncoder:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": model_input(),
-            "text": ("STRING", {"multiline": True, "default": "", "tooltip": "What the image should show."}),
+            "text": ("STRING", {"multiline": True, "default": "", "tooltip": "What the image should show (for "
+                     "the CFG pair's negative input: what to steer away from; empty = no negative prompt)."}),
         }}
 
     def encode(self, model: JanusModelHandle, text: str):
-        return (encode_prompt(model.model, text),)
+        # empty text is allowed here: as the CFG pair's negative it means no negative prompt
+        return (encode_prompt(model.model, text, blank_allowed=True),)
 
 
 class DSJanusCFGPair:
@@ -107,7 +109,7 @@ class DSJanusCFGPair:
         if image is not None:
             require_ar(m, "Instruction editing (the CFG pair's image input)")
         if m.is_flow:
-            return (build_flow_cfg(m, positive.text, batch_size, negative.text if negative else None),)
+            return (build_flow_cfg(m, positive, batch_size, negative),)
         return (build_cfg_pair(m, positive, batch_size, negative, image),)
 
 
@@ -213,7 +215,7 @@ class DSJanusARSampler:
                 "mask": ("MASK", {"tooltip": "Where to regenerate init_tokens (1 = regenerate), in the pixels of the "
                                   "image they came from (e.g. Load Image's mask). It is fitted like the image (long "
                                   "side to 384, centred, padding kept) and each 16x16-pixel token is regenerated "
-                                  "when any of its pixels is >= 0.5. Resampled tokens follow the kept ones in "
+                                  "when any mask pixel >= 0.5 falls into it. Resampled tokens follow the kept ones in "
                                   "raster order: masking the lower rows outpaints downwards."}),
             },
         }
@@ -267,7 +269,7 @@ class DSJanusVQEncode:
         require_ar(model.model, "VQ encoding")
         count = image.shape[0] if isinstance(image, torch.Tensor) and image.dim() == 4 else 1
         m = model.ready(encode_bytes(model.model, count))
-        tokens = encode_image_tokens(m, image)
+        tokens = encode_image_tokens(m, image, comfy.Progress(count).update_count)
         return (ImageTokens(tokens, m.config.image_token_grid, str(m.folder), tuple(image.shape[1:3])),)
 
 
@@ -291,4 +293,5 @@ class DSJanusVQDecode:
         if tokens.model_folder != str(m.folder):
             raise JanusError(f"These tokens come from {tokens.model_folder}; decode them with that model, not "
                              f"{m.folder} (each model has its own VQ codebook).")
-        return (decode_image_tokens(m, tokens.tokens),)
+        count = tokens.tokens.shape[0]
+        return (decode_image_tokens(m, tokens.tokens, comfy.Progress(count).update_count),)

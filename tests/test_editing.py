@@ -197,11 +197,26 @@ def test_pixel_mask_follows_the_image_preprocessing(model, image):
     tokens = pixel_mask_to_tokens(model, dot)
     assert tokens.shape == (1, GRID, GRID) and tokens.nonzero().tolist() == [[0, 12, 12]]
     assert not pixel_mask_to_tokens(model, torch.full((2, 384, 384), 0.49)).any()
+    assert pixel_mask_to_tokens(model, torch.full((1, 384, 384), 0.5)).all()
     # the geometry of the pixels the VQ encoder sees: the picture fills pixel rows 64..319, grey padding the rest
     pixels = model.image_processor.batch([image])[0]
     grey = pixels[:, 0, 0]
     is_grey = (pixels == grey[:, None, None]).all(dim=0).all(dim=1)  # [384]: whole pixel row is padding
     assert bool(is_grey[:64].all()) and bool(is_grey[320:].all()) and not bool(is_grey[64:320].any())
+
+
+@pytest.mark.parametrize(("size", "width"), [(1536, 1), (1536, 2), (768, 1), (4000, 1)])
+def test_thin_strokes_on_large_masks_count(model, size, width):
+    """A stroke a pixel or two wide on a picture larger than 384 px still marks every token it crosses
+    (shrinking must not average it away)."""
+    mask = torch.zeros(1, size, size)
+    column = size // 2 + 7
+    mask[0, size // 4: 3 * size // 4, column:column + width] = 1.0
+    tokens = pixel_mask_to_tokens(model, mask)[0]
+    col = int(column * 384 / size) // 16
+    rows = tokens[:, col].nonzero().flatten().tolist()
+    assert rows == list(range(int(size // 4 * 384 / size) // 16, int((3 * size // 4 - 1) * 384 / size) // 16 + 1))
+    assert tokens.sum() == len(rows)  # only that column of tokens
 
 
 # --- bad input -----------------------------------------------------------------------------------------------

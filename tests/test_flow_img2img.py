@@ -298,3 +298,20 @@ def test_encode_images_for_img2img(model, pair):
     torch.testing.assert_close(out, z, rtol=0, atol=1e-4)
     with pytest.raises(JanusError, match="needs 384x384 images, got 300x200; scale or crop"):
         encode_images(vae, Image.open(IMAGE_PATH))
+
+
+def test_sampler_keeps_the_latent_entries_and_honours_batch_index(handle):
+    """As core KSampler: noise_mask and batch_index travel on in the output, and an image picked out of a batch
+    (Latent From Batch: batch_index [j]) starts from the noise it had there (seed + j)."""
+    prompt = DSJanusPromptEncoder().encode(handle, "a lighthouse")[0]
+    pair3, pair1 = (DSJanusCFGPair().build(handle, prompt, b)[0] for b in (3, 1))
+    picture = torch.rand(1, 4, 48, 48)
+    mask = torch.ones(1, 1, 48, 48)
+    batch = DSJanusFlowSampler().sample(handle, pair3, 5, 2, 2.0, {"samples": picture.expand(3, -1, -1, -1)}, 0.7)[0]
+    picked = {"samples": picture, "batch_index": [2], "noise_mask": mask}
+    alone = DSJanusFlowSampler().sample(handle, pair1, 5, 2, 2.0, picked, 0.7)[0]
+    assert alone.keys() == {"samples", "batch_index", "noise_mask"}
+    assert alone["batch_index"] == [2] and alone["noise_mask"] is mask
+    torch.testing.assert_close(alone["samples"][0], batch["samples"][2], atol=1e-4, rtol=1e-4)
+    with pytest.raises(JanusError, match="batch_index must list one whole number >= 0 per image"):
+        DSJanusFlowSampler().sample(handle, pair3, 5, 2, 2.0, {"samples": picture, "batch_index": [0, 1]}, 0.7)

@@ -180,3 +180,27 @@ def test_nodes_run_under_inference_mode_like_comfyui(pro, flow):
         image = torch.rand(2, 40, 60, 3)
         out = N["DSJanusUnderstand"]().answer(pro, image, "Describe.", "per image", 4, 0.0, 0.95, 0)
         assert len(out["result"][0]) == 2
+
+
+def test_an_empty_prompt_encoder_means_no_negative_prompt(pro, flow):
+    """ComfyUI users leave the negative encoder empty: that is the pair without a negative prompt, for both
+    kinds of model; an empty positive prompt is refused with what to do."""
+    encode, build = N["DSJanusPromptEncoder"]().encode, N["DSJanusCFGPair"]().build
+    for handle in (pro, flow):
+        prompt, empty = encode(handle, "A red cube.")[0], encode(handle, " \n")[0]
+        with_empty, without = build(handle, prompt, 2, empty)[0], build(handle, prompt, 2)[0]
+        assert vars(with_empty).keys() == vars(without).keys()
+        for key, value in vars(without).items():
+            other = vars(with_empty)[key]
+            assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value, key
+        with pytest.raises(JanusError, match="The prompt is empty; describe the image you want"):
+            build(handle, empty, 1)
+
+
+def test_flow_pair_refuses_prompts_of_another_model(pro, flow):
+    pro_prompt = N["DSJanusPromptEncoder"]().encode(pro, "a cat")[0]
+    flow_prompt = N["DSJanusPromptEncoder"]().encode(flow, "a cat")[0]
+    with pytest.raises(JanusError, match="prompt was built for another model"):
+        N["DSJanusCFGPair"]().build(flow, pro_prompt, 1)
+    with pytest.raises(JanusError, match="negative prompt was built for another model"):
+        N["DSJanusCFGPair"]().build(flow, flow_prompt, 1, pro_prompt)

@@ -428,3 +428,54 @@ def test_nodes_make_room_for_the_estimate_before_the_library_checks(node, pro_ha
                                        max_new_tokens=7, temperature=0.0, top_p=0.95, seed=0)
     assert events[0] == ("load_models_gpu", expected) and expected > 0
     assert events[1:] == [("free_bytes",)]
+
+
+def test_sdxl_previews_get_float32_latents(monkeypatch):
+    """ComfyUI's TAESD-XL previewer has float32 weights and does not cast its input; a JanusFlow model running in
+    bf16 must still get previews (ComfyUI's own samplers hand float32 latents over)."""
+    import sys
+    import types
+
+    class TaesdLike:
+        def decode_latent_to_preview_image(self, fmt, latent):
+            if latent.dtype != torch.float32:
+                raise RuntimeError("Input type (c10::BFloat16) and bias type (float) should be the same")
+            return fmt, "image", 512
+
+    formats = types.ModuleType("comfy.latent_formats")
+    formats.SDXL = lambda: "sdxl"
+    comfy_pkg = types.ModuleType("comfy")
+    comfy_pkg.latent_formats = formats
+    latent_preview = types.ModuleType("latent_preview")
+    latent_preview.get_previewer = lambda device, fmt: TaesdLike() if fmt == "sdxl" else None
+    monkeypatch.setitem(sys.modules, "comfy", comfy_pkg)
+    monkeypatch.setitem(sys.modules, "comfy.latent_formats", formats)
+    monkeypatch.setitem(sys.modules, "latent_preview", latent_preview)
+    monkeypatch.setattr(cs, "previews_enabled", lambda: True)
+    preview = cs.sdxl_latent_previewer(torch.device("cpu"))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert preview(torch.randn(1, 4, 48, 48, dtype=dtype)) == "image"
+
+
+def test_vq_encode_and_decode_show_progress_and_stop_on_cancel(pro_handle, tmp_path, monkeypatch):
+    """A batch of 10 images is worked four at a time: the bar moves after each group and Cancel stops between
+    groups (the results equal one whole-batch call)."""
+    images = torch.rand(10, 64, 48, 3)
+    fake = FakeComfy(tmp_path).install(monkeypatch)
+    tokens = DSJanusVQEncode().encode(pro_handle, images)[0]
+    assert [u[:2] for u in fake.updates] == [(4, 10), (8, 10), (10, 10)]
+    model = pro_handle.model
+    from janus_core.generate_ar import decode_image_tokens
+    from janus_core.image_tokens import encode_image_tokens
+
+    assert torch.equal(tokens.tokens, encode_image_tokens(model, images))
+    fake = FakeComfy(tmp_path).install(monkeypatch)
+    decoded = DSJanusVQDecode().decode(pro_handle, tokens)[0]
+    assert [u[:2] for u in fake.updates] == [(4, 10), (8, 10), (10, 10)]
+    assert torch.equal(decoded, decode_image_tokens(model, tokens.tokens))
+    for node, run in ((DSJanusVQEncode(), lambda n: n.encode(pro_handle, images)),
+                      (DSJanusVQDecode(), lambda n: n.decode(pro_handle, tokens))):
+        fake = FakeComfy(tmp_path, interrupt_after=1).install(monkeypatch)
+        with pytest.raises(Interrupted):
+            run(node)
+        assert [u[0] for u in fake.updates] == [4]
