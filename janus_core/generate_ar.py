@@ -98,7 +98,9 @@ class PrefilledRows:
         """Append image tokens ``[copies, k]`` to every row of their image; returns the hidden states
         ``[R * copies, k, hidden]`` (row ``r * copies + i`` is row ``r`` of image ``i``)."""
         k = tokens.shape[1]
-        embeds = self.model.net.image_token_embeds(tokens).repeat(self.rows, 1, 1)
+        # embedded per row (not once per image, then copied): never a single-row matmul, which CPU bf16 kernels
+        # round differently from several rows, so image i of a batch stays equal to a batch of one
+        embeds = self.model.net.image_token_embeds(tokens.repeat(self.rows, 1))
         steps = torch.arange(k, device=self.next_positions.device)
         hidden = self.model.llm.forward(embeds, self.cache, self.next_positions + steps)
         self.next_positions = self.next_positions + k

@@ -178,6 +178,23 @@ def test_image_i_of_a_batch_is_a_batch_of_one_with_seed_plus_i(model, image, cas
         assert torch.equal(alone[0], batch[i]), i
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("case", ["text", "edit", "inpaint"])
+def test_image_i_of_a_batch_is_a_batch_of_one_in_bf16(image, case, quantize):
+    """In bf16 too (what dtype auto runs on most CPUs and GPUs), as long as the images share one mask: no part of
+    a step may depend on how many images run (a one-row bf16 matmul on the CPU rounds otherwise than several)."""
+    model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize=quantize)
+    args = {"image": image_tensor(image)} if case == "edit" else {}
+    if case == "inpaint":
+        mask = torch.zeros(GRID, GRID, dtype=torch.bool)
+        mask[9:, 5:] = True
+        args = {"init_tokens": random_tokens(1, 7)[0], "mask": mask}
+    batch = generate_image_tokens(model, "A lighthouse.", batch_size=4, seed=7, **args)
+    for i in range(4):
+        alone = generate_image_tokens(model, "A lighthouse.", batch_size=1, seed=7 + i, **args)
+        assert torch.equal(alone[0], batch[i]), i
+
+
 def test_editing_differs_from_text_to_image_and_follows_image_cfg_weight(model, image):
     plain = generate_image_tokens(model, "A cat.", seed=2, top_k=1)
     edit = generate_image_tokens(model, "A cat.", seed=2, top_k=1, image=image)
