@@ -329,8 +329,10 @@ def decode_image_tokens(model: JanusModel, tokens: torch.Tensor, progress: Progr
     """
     require_ar(model)
     grid = model.config.image_token_grid
-    if tokens.dim() != 2 or tokens.shape[1] != grid[0] * grid[1]:
-        raise JanusError(f"Expected image tokens of shape [B, {grid[0] * grid[1]}], got {list(tokens.shape)}.")
+    tokens = _check_tokens(model, tokens)
+    if tokens.shape[1] != grid[0] * grid[1]:
+        raise JanusError(f"Expected image tokens of shape [B, {grid[0] * grid[1]}] (whole images), got "
+                         f"{list(tokens.shape)}.")
     vq = model.net.gen_vision_model
     device = vq.post_quant_conv.weight.device
     count = tokens.shape[0]

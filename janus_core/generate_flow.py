@@ -43,6 +43,7 @@ from .sampling import GENERATOR_BYTES, check_guidance_weight, check_seed, row_ge
 
 logger = logging.getLogger(__name__)
 
+MAX_STEPS = 10_000  # far beyond any useful schedule; the schedule is a list of steps + 1 times
 SDXL_VAE_SCALING = 0.13025
 VAE_DOWNSCALE = 8  # SDXL-VAE pixels per latent pixel
 LATENT_SIZE = FLOW_LATENT_SIZE  # 384 px / 8
@@ -260,12 +261,17 @@ def _check_run_args(model: JanusModel, pair: FlowCFG, z: torch.Tensor, steps: in
     _require_flow(model)
     _check_pair(model, pair)
     steps = whole_number("steps", steps, minimum=1)
+    if steps > MAX_STEPS:
+        raise JanusError(f"steps must be at most {MAX_STEPS} (got {steps}); 20-50 is typical.")
     cfg_weight = check_guidance_weight(cfg_weight)
     expected = _latent_shape(model, pair.batch_size)
     if not isinstance(z, torch.Tensor) or not z.is_floating_point() or tuple(z.shape) != expected:
         got = list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise JanusError(f"The initial noise must be a float tensor of shape {list(expected)} "
                          f"(batch {pair.batch_size}), got {got}.")
+    if not bool(torch.isfinite(z).all()):
+        raise JanusError("The initial noise contains NaN or infinite values; pass finite noise (or none: the seed "
+                         "draws it).")
     return steps, cfg_weight
 
 
@@ -451,7 +457,7 @@ def generate_flow_latents(model: JanusModel, prompt: str | FlowCFG, batch_size: 
     seed = check_seed(seed)
     if not isinstance(prompt, str):
         _check_pair(model, prompt)
-        if batch_size is not None and batch_size != prompt.batch_size:
+        if batch_size is not None and whole_number("batch_size", batch_size, minimum=1) != prompt.batch_size:
             raise JanusError(f"batch_size {batch_size} disagrees with the CFG pair's batch size "
                              f"{prompt.batch_size}; the pair fixes the batch size.")
         if negative_prompt is not None:

@@ -16,6 +16,7 @@ Input rules (the one place they are applied; understanding and every other image
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -132,14 +133,21 @@ def to_pil_images(images: ImagesArg, background: Background) -> list[Image.Image
         return [Image.fromarray(np.ascontiguousarray(a)) for a in image_tensor_to_uint8(images).numpy()]
     if isinstance(images, Image.Image):
         images = [images]
-    if images is None or isinstance(images, (str, bytes)) or len(images) == 0:
-        raise JanusError("No images were given; expected a list of PIL images or an IMAGE tensor [B, H, W, 3].")
+    expected = "expected a list of PIL images or an IMAGE tensor [B, H, W, 3]"
+    if isinstance(images, str | bytes | os.PathLike):
+        raise JanusError(f"Got a file name or bytes, not an image; open it first (PIL.Image.open): {expected}.")
+    if not isinstance(images, list | tuple):
+        raise JanusError(f"Got a {type(images).__name__}; {expected}.")
+    if not images:
+        raise JanusError(f"No images were given; {expected}.")
     out = []
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
             raise JanusError(
                 f"Image {i} is a {type(image).__name__}; expected PIL images or an IMAGE tensor [B, H, W, 3]."
             )
+        if 0 in image.size:
+            raise JanusError(f"Image {i} is empty ({image.width}x{image.height} pixels).")
         try:
             out.append(pil_to_rgb(image, background))
         except JanusError as exc:

@@ -22,6 +22,7 @@ of it, state-dict keys unchanged), so a decode step reads each group with one ma
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise JanusError(f"Unknown device {str(device)!r}; use cuda, cuda:N, mps or cpu.") from exc
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise JanusError(f"Device {str(device)!r} cannot run the model here; use cuda, cuda:N, mps or cpu.")
     unavailable = f"Device {str(device)!r} is not available"
     if resolved.type == "cuda":
         if torch.version.cuda is None and torch.version.hip is None:
@@ -144,11 +147,20 @@ class JanusModel:
     def to(self, device: torch.device | str) -> JanusModel:
         """Move the weights to ``device`` (in place; returns self). Weights packed for the CPU's matmuls are
         unpacked first (:func:`janus_core.llm.cpu_unpack_layers`, :meth:`QuantWeights.unpack`)."""
-        if torch.device(device) != self.device:
+        if isinstance(device, torch.dtype) or device is None:
+            raise JanusError(f"JanusModel.to takes a device (cuda, mps, cpu), got {device!r}; the precision is "
+                             "chosen when loading: load_model(..., dtype=...).")
+        # "meta" drops the weights (releasing their memory; tests use it as a second device)
+        device = torch.device("meta") if str(device) == "meta" else resolve_device(device)
+        if device != self.device:
             cpu_unpack_layers(self.net.language_model)
             for layer in quant_layers(self.net).values():
                 layer.unpack()
-        self.net.to(device)
+        try:
+            self.net.to(device)
+        except BaseException:
+            self.pack_projections()  # a failed move: the kernels of wherever the weights are now
+            raise
         self.pack_projections()
         return self
 
@@ -314,6 +326,12 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     dequantize-then-matmul path. When ``compute_device`` is not ``device``, quantized weights are laid out for
     its kernels by :meth:`JanusModel.pack_projections` after the move.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise JanusError(f"load_model takes a checkpoint folder (a str or Path), got {type(path).__name__}.")
+    for name, flag in (("quantize_lm_head", quantize_lm_head), ("quantize_embeddings", quantize_embeddings),
+                       ("quantize_fallback", quantize_fallback)):
+        if not isinstance(flag, bool):
+            raise JanusError(f"{name} must be True or False, got {flag!r}.")
     folder = Path(path).expanduser()
     with model_files(str(folder)):  # an unreadable file or folder: named, with what to do
         config = load_config(folder, variant=variant)
@@ -322,8 +340,9 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
         device = resolve_device(device)
         # where the weights will run (ComfyUI: its compute device); only the precision is chosen for it here
         compute = torch.device(compute_device) if compute_device is not None else device
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise JanusError(f"dtype must be a floating point torch dtype such as torch.bfloat16, got {dtype!r}.")
+        if dtype is not None and dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            raise JanusError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32 (or None: the "
+                             f"automatic choice), got {dtype!r}; for int8 / int4 use quantize=.")
         precision = precision_for(compute, dtype)
         if quantize is not None:
             check_mode(quantize)

@@ -27,11 +27,17 @@ def check_seed(seed: object) -> int:
     return whole_number("seed", seed, 0, SEED_MAX)
 
 
+# Beyond these the float32 logits overflow or the division rounds to zero: no sampler setting means that much.
+MAX_GUIDANCE_WEIGHT = 1000.0
+MIN_TEMPERATURE = 1e-4  # lower is greedy in effect
+
+
 def check_guidance_weight(value: object, name: str = "cfg_weight", meaning: str = "1 = no guidance") -> float:
-    """A guidance weight as a float: finite and >= 0 (``meaning`` explains the scale in the error message)."""
+    """A guidance weight as a float: finite, in 0..:data:`MAX_GUIDANCE_WEIGHT` (``meaning`` explains the scale in
+    the error message)."""
     weight = finite_number(name, value)
-    if weight < 0:
-        raise JanusError(f"{name} must be >= 0 ({meaning}), got {weight}.")
+    if not 0 <= weight <= MAX_GUIDANCE_WEIGHT:
+        raise JanusError(f"{name} must be in 0..{MAX_GUIDANCE_WEIGHT:g} ({meaning}), got {weight}.")
     return weight
 
 
@@ -50,6 +56,10 @@ def check_sampling_args(temperature: object, top_k: object, top_p: object, *,
         raise JanusError(
             f"temperature must be > 0 (got {temperature}); for deterministic output use top_k = 1 (greedy)."
         )
+    if 0 < temperature < MIN_TEMPERATURE:
+        greedy = "0" if greedy_at_zero else "top_k = 1"
+        raise JanusError(f"temperature {temperature:g} is below {MIN_TEMPERATURE:g}, where sampling is greedy in "
+                         f"effect; use {greedy} for deterministic output.")
     return temperature, top_k, top_p
 
 
@@ -87,6 +97,7 @@ def sample_next(logits: torch.Tensor, generators: list[torch.Generator] | None, 
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = cumulative - sorted_scores.softmax(dim=-1) >= top_p  # keep the token that crosses top_p
+        drop_sorted[..., 0] = False  # and the best one always (a top_p below float32's resolution)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     probs = scores.softmax(dim=-1)

@@ -183,6 +183,9 @@ def understand(model: JanusModel, images: ImagesArg, question: str, max_new_toke
     max_new_tokens = whole_number("max_new_tokens", max_new_tokens, minimum=1)
     temperature, _, top_p = check_sampling_args(temperature, 0, top_p, greedy_at_zero=True)
     seed = check_seed(seed)
+    if not isinstance(per_image, bool):
+        raise JanusError(f"per_image must be True (one answer per image) or False (one answer for all), got "
+                         f"{per_image!r}.")
     pil = to_pil_images(images, model.image_processor.background)
 
     groups = [[image] for image in pil] if per_image else [pil]

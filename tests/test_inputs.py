@@ -230,7 +230,7 @@ def test_bad_image_lists():
         to_pil_images([Image.new("RGB", (4, 4)), "b.png"], GREY)
     with pytest.raises(JanusError, match="Image 0: A mode 'F'"):
         to_pil_images([Image.fromarray(np.full((2, 2), 7.0, dtype=np.float32))], GREY)
-    with pytest.raises(JanusError, match="No images"):
+    with pytest.raises(JanusError, match="Got a file name or bytes, not an image"):
         to_pil_images("a.png", GREY)
     single = to_pil_images(Image.new("L", (3, 2), 9), GREY)
     assert len(single) == 1 and np.array_equal(as_array(single[0]), np.full((2, 3, 3), 9))
@@ -244,7 +244,7 @@ NAN, INF = float("nan"), float("inf")
 @pytest.mark.parametrize("kwargs, phrase", [
     (dict(cfg_weight=NAN), "cfg_weight must be a finite number, got nan"),
     (dict(cfg_weight=INF), "cfg_weight must be a finite number, got inf"),
-    (dict(cfg_weight=-0.5), "cfg_weight must be >= 0"),
+    (dict(cfg_weight=-0.5), r"cfg_weight must be in 0\.\.1000"),
     (dict(cfg_weight="5"), "cfg_weight must be a number, got '5'"),
     (dict(temperature=NAN), "temperature must be a finite number"),
     (dict(temperature=INF), "temperature must be a finite number"),
@@ -433,3 +433,94 @@ def test_text_that_is_not_text_is_refused(pro):
         encode_prompt(pro, b"a cat")
     with pytest.raises(JanusError, match="system prompt must be text"):
         understand(pro, [Image.new("RGB", (8, 8))], "why", max_new_tokens=2, system_prompt=5)
+
+
+# --- extreme numbers, wrong types and devices: refused up front, never a torch error later ---------------------
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"temperature": 1e-40}, "temperature 1e-40 is below 0.0001, where sampling is greedy in effect; use top_k = 1"),
+    ({"cfg_weight": 1e300}, r"cfg_weight must be in 0..1000"),
+    ({"image_cfg_weight": 5e3}, r"image_cfg_weight must be in 0..1000"),
+])
+def test_extreme_sampling_numbers_are_refused(pro, kwargs, message):
+    with pytest.raises(JanusError, match=message):
+        generate_image_tokens(pro, "a cat", **kwargs)
+
+
+def test_a_top_p_below_float32_resolution_keeps_the_best_token(pro):
+    greedy = generate_image_tokens(pro, "a cat", seed=3, top_k=1)
+    assert torch.equal(generate_image_tokens(pro, "a cat", seed=3, top_p=1e-50), greedy)
+
+
+def test_understanding_refuses_a_tiny_temperature_and_a_non_bool_per_image(pro):
+    image = Image.open(IMAGE_PATH)
+    with pytest.raises(JanusError, match="temperature 1e-40 is below 0.0001.*use 0 for deterministic output"):
+        understand(pro, [image], "What is this?", max_new_tokens=2, temperature=1e-40)
+    with pytest.raises(JanusError, match="per_image must be True"):
+        understand(pro, [image], "What is this?", max_new_tokens=2, per_image="no")
+
+
+def test_flow_refuses_non_finite_noise_huge_step_counts_and_fractional_batch_sizes(flow):
+    pair = build_flow_cfg(flow, "a cat", 1)
+    with pytest.raises(JanusError, match="initial noise contains NaN or infinite values"):
+        generate_flow_latents(flow, pair, steps=1, noise=torch.full((1, 4, 48, 48), float("nan")))
+    with pytest.raises(JanusError, match="steps must be at most 10000"):
+        generate_flow_latents(flow, pair, steps=10**9)
+    for size in (1.0, True):
+        with pytest.raises(JanusError, match="batch_size"):
+            generate_flow_latents(flow, pair, batch_size=size, steps=1)
+
+
+@pytest.mark.parametrize("tokens", [
+    torch.zeros(1, 576) + 0.7, torch.zeros(1, 576, dtype=torch.bool), [[0] * 576],
+    torch.zeros(1, 575, dtype=torch.long),
+])
+def test_decoding_refuses_tokens_that_are_not_whole_images_of_ids(pro, tokens):
+    from janus_core.generate_ar import decode_image_tokens
+
+    with pytest.raises(JanusError, match="Expected image tokens"):
+        decode_image_tokens(pro, tokens)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"dtype": getattr(torch, "float8_e4m3fn", torch.int8)}, "dtype must be torch.bfloat16, torch.float16 or"),
+    ({"dtype": torch.int8}, "for int8 / int4 use quantize="),
+    ({"quantize_lm_head": "no"}, "quantize_lm_head must be True or False"),
+    ({"device": "meta"}, "Device 'meta' cannot run the model here"),
+])
+def test_load_model_refuses_unusable_options(kwargs, message):
+    from janus_core import load_model
+
+    with pytest.raises(JanusError, match=message):
+        load_model(PRO_TINY, **kwargs)
+
+
+@pytest.mark.parametrize("path", [None, 5])
+def test_load_model_refuses_a_path_that_is_no_path(path):
+    from janus_core import load_model
+
+    with pytest.raises(JanusError, match="load_model takes a checkpoint folder"):
+        load_model(path)
+
+
+def test_a_failed_move_leaves_a_quantized_model_as_it_was():
+    from janus_core import load_model
+
+    model = load_model(PRO_TINY, device="cpu", quantize="int8")
+    before = generate_image_tokens(model, "a cat", seed=5, top_k=1)
+    for target, message in (("cuda:99", "is not available"), (torch.float16, "JanusModel.to takes a device"),
+                            ("xpu", "cannot run the model here")):
+        with pytest.raises(JanusError, match=message):
+            model.to(target)
+    assert torch.equal(generate_image_tokens(model, "a cat", seed=5, top_k=1), before)
+
+
+@pytest.mark.parametrize(("images", "message"), [
+    ([Image.new("RGB", (0, 0))], r"Image 0 is empty \(0x0 pixels\)"),
+    (object(), "Got a object; expected a list of PIL images"),
+    (str(IMAGE_PATH), "Got a file name or bytes, not an image; open it first"),
+    ((i for i in ()), "Got a generator"),
+])
+def test_image_arguments_that_are_no_images(images, message):
+    with pytest.raises(JanusError, match=message):
+        to_pil_images(images, (127, 127, 127))

@@ -24,5 +24,5 @@ def test_every_export_is_stable_after_importing_every_submodule():
 
 @pytest.mark.parametrize("dtype", ["bf16", torch.int8, 16])
 def test_load_model_refuses_a_dtype_that_is_not_a_floating_torch_dtype(dtype):
-    with pytest.raises(janus_core.JanusError, match="floating point torch dtype"):
+    with pytest.raises(janus_core.JanusError, match="dtype must be torch.bfloat16, torch.float16 or torch.float32"):
         janus_core.load_model(PRO_TINY, dtype=dtype)
