@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import sys
+import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -25,6 +27,7 @@ import torch
 
 from .config import AR_VARIANTS
 from .errors import JanusError
+from .sampling import SEED_MAX
 
 logger = logging.getLogger("janus_core")
 
@@ -200,26 +203,41 @@ class _LogProgress:
 
 
 def _output_folder(out: str) -> Path:
-    """``--out`` created up front, so a bad folder fails before any model is loaded."""
+    """``--out`` created and tried with a test file up front, so a bad folder fails before any model is loaded."""
+    if not out.strip():
+        raise JanusError("--out is empty; give a folder for the PNG files (e.g. --out outputs).")
     folder = Path(out).expanduser()
     if folder.exists() and not folder.is_dir():
         raise JanusError(f"--out {out} is a file; give a folder for the PNG files.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as exc:
-        raise JanusError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); choose another "
+        raise JanusError(f"--out {out}: cannot write into the folder ({exc.strerror or exc}); choose another "
                          "folder.") from exc
     return folder
 
 
+def _free_path(folder: Path, stem: str) -> Path:
+    """``<folder>/<stem>.png``, or ``<stem>_2.png``, ``_3``, ... when taken: earlier results are never
+    overwritten."""
+    path, n = folder / f"{stem}.png", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}_{n}.png"
+    return path
+
+
 def _save(images: torch.Tensor, folder: Path, stem: str, seed: int) -> list[Path]:
+    """Image ``i`` as ``<stem>_<its seed>.png`` (the seed that regenerates it alone)."""
     from PIL import Image
 
     from .images import to_uint8
 
     paths = []
     for i, image in enumerate(to_uint8(images)):
-        path = folder / f"{stem}_{seed + i}.png"
+        path = _free_path(folder, f"{stem}_{(seed + i) % (SEED_MAX + 1)}")
         try:
             Image.fromarray(image.numpy()).save(path)
         except OSError as exc:
@@ -239,8 +257,10 @@ def _open_images(paths: Sequence[str]) -> list:
             problem = "is a folder" if file.is_dir() else "does not exist"
             raise JanusError(f"--image {path} {problem}; give an image file (PNG, JPEG, WebP, ...).")
         try:
-            image = Image.open(file)
-            image.load()
+            with warnings.catch_warnings():  # large pictures are fine here: they are shrunk to 384 px
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(file)
+                image.load()
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise JanusError(f"--image {path} is not an image Pillow can read ({type(exc).__name__}: {exc}); "
                              "give a PNG, JPEG or WebP file.") from exc

@@ -26,7 +26,7 @@ def file_error(exc: OSError, fallback: str) -> CheckpointError:
     elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "Free some disk space, or use a folder on another disk."
     elif exc.errno == errno.ENOENT:
-        fix = "It is missing: restore it (re-download the checkpoint) or check the path."
+        fix = "Check the path; a file missing from a checkpoint comes back by downloading the checkpoint again."
     elif exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
         fix = "A file stands where a folder is expected (or the other way round): move it away."
     else:

@@ -297,7 +297,7 @@ def _image_latent(model: JanusModel, init_latent: object, batch: int) -> torch.T
     """``init_latent [1 or B, C, 48, 48]`` checked, as ``[B, C, 48, 48]`` in the model's dtype and device."""
     channels = model.config.flow.latent_channels
     side, pixels = LATENT_SIZE, LATENT_SIZE * VAE_DOWNSCALE
-    expected = f"[{batch} or 1, {channels}, {side}, {side}]"
+    expected = f"[{'1' if batch == 1 else f'{batch} or 1'}, {channels}, {side}, {side}]"
     if not isinstance(init_latent, torch.Tensor) or not init_latent.is_floating_point() or init_latent.dim() != 4:
         got = (f"{init_latent.dtype} of shape {list(init_latent.shape)}" if isinstance(init_latent, torch.Tensor)
                else type(init_latent).__name__)
@@ -313,8 +313,8 @@ def _image_latent(model: JanusModel, init_latent: object, batch: int) -> torch.T
                          f"JanusFlow works on {side}x{side} latents: encode a {pixels}x{pixels} image (scale or "
                          f"crop it to {pixels}x{pixels} before VAE Encode).")
     if n not in (1, batch):
-        raise JanusError(f"init_latent has a batch of {n}, the generation {batch} image(s): give one latent for "
-                         f"every image or one per image (or set batch_size to {n}).")
+        fix = "give one latent for every image or one per image" + (f" (or set batch_size to {n})" if n else "")
+        raise JanusError(f"init_latent has a batch of {n}, the generation {batch} image(s): {fix}.")
     if not bool(torch.isfinite(init_latent).all()):
         raise JanusError("init_latent contains NaN/infinite values; encode the image again (in float32 or "
                          "bfloat16: the SDXL VAE overflows in float16).")
@@ -325,7 +325,8 @@ def _latent_noise_mask(model: JanusModel, noise_mask: object, batch: int) -> tor
     """ComfyUI's ``noise_mask`` (``[H, W]``, ``[1 or B, H, W]`` or ``[1 or B, 1, H, W]``, square, values 0..1)
     -> ``[B, 1, 48, 48]`` in the model's dtype and device, resized bilinearly as ComfyUI does."""
     pixels = LATENT_SIZE * VAE_DOWNSCALE
-    what = (f"noise_mask must be a tensor [H, W], [N, H, W] or [N, 1, H, W] with N = 1 or {batch}, square "
+    counts = "1" if batch == 1 else f"1 or {batch}"
+    what = (f"noise_mask must be a tensor [H, W], [N, H, W] or [N, 1, H, W] with N = {counts}, square "
             f"(the {pixels}x{pixels} image's mask or its {LATENT_SIZE}x{LATENT_SIZE} latent mask), values 0..1 "
             f"(1 = regenerate)")
     if not isinstance(noise_mask, torch.Tensor):

@@ -271,6 +271,9 @@ def resolve_model_path(name_or_path: str | Path, search_dirs: list[Path], downlo
     downloaded.
     """
     text = str(name_or_path).strip()
+    if not text:
+        raise CheckpointError("No model given: name a checkpoint folder or a release such as "
+                              f"{next(iter(KNOWN_RELEASES.values())).repo_id}.")
     direct = Path(text).expanduser()
     if direct.name.endswith(PARTIAL_SUFFIX):
         release = known_name(direct.name.removesuffix(PARTIAL_SUFFIX))

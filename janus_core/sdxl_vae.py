@@ -52,14 +52,37 @@ def load_sdxl_vae(path_or_repo: str | Path = DEFAULT_SDXL_VAE, device: torch.dev
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise JanusError(f"{local} has no config.json; it is not a diffusers AutoencoderKL folder.")
-        vae = _from_pretrained(AutoencoderKL, str(local), dtype)
+        if not (local / VAE_WEIGHTS).is_file():
+            raise JanusError(f"{local} has no {VAE_WEIGHTS}; pass the SDXL VAE folder (config.json + {VAE_WEIGHTS}, "
+                             f"e.g. a download of '{DEFAULT_SDXL_VAE}'; pickled .bin weights are not read).")
+        try:
+            vae = _from_pretrained(AutoencoderKL, str(local), dtype)
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise JanusError(f"{local} is not a usable diffusers AutoencoderKL folder ({reason[:200]}); pass the SDXL "
+                             f"VAE folder (config.json + diffusion_pytorch_model.safetensors, e.g. a download of "
+                             f"'{DEFAULT_SDXL_VAE}'), and re-download it if its weights are damaged.") from exc
     else:
         vae = _from_hub(AutoencoderKL, source, dtype)
+    _check_sdxl_shape(vae, source)
     scaling = getattr(vae.config, "scaling_factor", None)
     if scaling is not None and abs(scaling - SDXL_VAE_SCALING) > 1e-6:
         logger.warning("VAE %s has scaling_factor %s, not SDXL's %s; JanusFlow latents need the SDXL VAE.",
                        source, scaling, SDXL_VAE_SCALING)
     return vae.to(device).eval().requires_grad_(False)
+
+
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"  # only safetensors: a pickle could run code when loaded
+
+
+def _check_sdxl_shape(vae: Any, source: str) -> None:
+    """Refuse a VAE whose latents are not JanusFlow's (4 channels, 8x smaller than the image)."""
+    channels = getattr(vae.config, "latent_channels", None)
+    blocks = getattr(vae.config, "block_out_channels", None) or ()
+    downscale = 2 ** (len(blocks) - 1) if blocks else None
+    if channels != 4 or downscale != VAE_DOWNSCALE:
+        raise JanusError(f"The VAE {source} makes latents of {channels} channels at 1/{downscale} of the image size; "
+                         f"JanusFlow needs the SDXL VAE (4 channels, 1/{VAE_DOWNSCALE}): use '{DEFAULT_SDXL_VAE}'.")
 
 
 def _from_pretrained(autoencoder_cls: Any, source: str, dtype: torch.dtype, **kwargs: Any) -> Any:
@@ -75,7 +98,7 @@ def _from_pretrained(autoencoder_cls: Any, source: str, dtype: torch.dtype, **kw
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
-        return autoencoder_cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
+        return autoencoder_cls.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **kwargs)
 
 
 def _from_hub(autoencoder_cls: Any, repo_id: str, dtype: torch.dtype) -> Any:

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,25 @@ def test_generate_writes_the_images_of_the_library(tmp_path, capsys):
     expected = to_uint8(decode_image_tokens(model, generate_image_tokens(model, "A red cube.", 2, seed=5)))
     for path, image in zip(written, expected, strict=True):
         assert np.array_equal(np.asarray(Image.open(path)), image.numpy())
+    # a second run never overwrites the first; names carry the seed that regenerates the image alone (mod 2**64)
+    code = main(["generate", "--model", str(PRO_TINY), "--prompt", "Another.", "--batch-size", "2", "--seed",
+                 str(2**64 - 1), "--dtype", "fp32", "--device", "cpu", "--out", str(out)])
+    again = main(["generate", "--model", str(PRO_TINY), "--prompt", "A red cube.", "--seed", "6", "--dtype",
+                  "fp32", "--device", "cpu", "--out", str(out)])
+    names = [p.rsplit("/", 1)[-1] for p in capsys.readouterr().out.split()]
+    assert code == again == 0 and names == [f"janus_{2**64 - 1}.png", "janus_0.png", "janus_6_2.png"]
+    assert np.array_equal(np.asarray(Image.open(written[1])), expected[1].numpy())  # still the first run's
+
+
+@pytest.mark.parametrize(("out", "message"), [("", "--out is empty"), ("/proc/self", "cannot write into the folder")])
+def test_an_unusable_out_folder_fails_before_loading(out, message, caplog, monkeypatch):
+    import janus_core.model
+
+    monkeypatch.setattr(janus_core.model, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    if out and not Path(out).is_dir():
+        pytest.skip("needs Linux's /proc")
+    assert main(["generate", "--model", str(PRO_TINY), "--prompt", "x", "--out", out]) == 2
+    assert message in caplog.text
 
 
 def test_flow_cli_decodes_with_a_diffusers_vae(tmp_path, capsys):

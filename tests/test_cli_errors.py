@@ -5,6 +5,7 @@ Every stderr line must be one of ours (INFO progress or the single ERROR): no tr
 """
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -188,3 +189,48 @@ def test_variant_flag_loads_a_folder_whose_files_cannot_tell_the_variant(tmp_pat
     caplog.set_level(logging.INFO)
     assert cli.main([*argv, "--variant", "janus-pro"]) == 0
     assert any(r.getMessage().startswith("janus-pro: ") for r in caplog.records)
+
+
+def vae_copy(tmp_path: Path, edit=None) -> Path:
+    folder = tmp_path / "vae"
+    shutil.copytree(FLOW_TINY / "vae", folder)
+    if edit is not None:
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("model folder", "has no diffusion_pytorch_model.safetensors; pass the SDXL VAE folder"),
+    ("truncated", "is not a usable diffusers AutoencoderKL folder"),
+    ("16 channels", "makes latents of 16 channels at 1/8 of the image size; JanusFlow needs the SDXL VAE"),
+    ("other downscale", "makes latents of 4 channels at 1/16 of the image size"),
+])
+def test_a_vae_that_cannot_decode_janusflow_latents_is_refused_before_generating(tmp_path, case, message):
+    if case == "model folder":
+        vae = FLOW_TINY  # the JanusFlow folder instead of its vae/ subfolder
+    elif case == "truncated":
+        vae = vae_copy(tmp_path)
+        weights = next(vae.glob("diffusion_pytorch_model.*"))
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif case == "16 channels":
+        vae = vae_copy(tmp_path, lambda c: c.update(latent_channels=16))
+        for weights in vae.glob("diffusion_pytorch_model.*"):
+            weights.unlink()  # random weights of the new shape
+        (vae / "config.json").write_text((vae / "config.json").read_text())
+    else:
+        vae = vae_copy(tmp_path, lambda c: c.update(block_out_channels=[16, 32, 32, 32, 32],
+                                                    down_block_types=["DownEncoderBlock2D"] * 5,
+                                                    up_block_types=["UpDecoderBlock2D"] * 5))
+        for weights in vae.glob("diffusion_pytorch_model.*"):
+            weights.unlink()
+    if case in ("16 channels", "other downscale"):
+        from diffusers import AutoencoderKL
+
+        config = json.loads((vae / "config.json").read_text())
+        AutoencoderKL.from_config(config).save_pretrained(vae)
+    done = run_cli(tmp_path, "flow", "--model", FLOW_TINY, "--prompt", "Sunset.", "--steps", "1", "--vae", vae,
+                   "--out", tmp_path / "out")
+    assert_one_error(done, message)
+    assert not any("flow" in line and "step" in line for line in done.stderr.splitlines())  # before generating

@@ -438,19 +438,36 @@ def test_saving_refuses_existing_and_quantized_folders(int4_folder, tmp_path):
         save_quantized(int4_folder, tmp_path / "twice", "int8")
 
 
-@pytest.mark.parametrize("leftover", ["file", "symlink"])
-def test_saving_refuses_a_partial_name_that_is_no_folder(tmp_path, leftover):
+@pytest.mark.parametrize("leftover", ["file", "symlink", "download"])
+def test_saving_never_deletes_a_partial_name_it_did_not_make(tmp_path, leftover):
     out = tmp_path / "q"
     partial = tmp_path / "q.partial"
     if leftover == "file":
         partial.write_text("not ours")
-    else:
+    elif leftover == "symlink":
         (tmp_path / "elsewhere").mkdir()
         partial.symlink_to(tmp_path / "elsewhere")
+    else:  # an unfinished hub download of the same name
+        (partial / ".cache").mkdir(parents=True)
+        (partial / "config.json").write_text("{}")
     with pytest.raises(JanusError, match=r"q\.partial exists and is not a folder an earlier quantize run left"):
         save_quantized(PRO_TINY, out, "int8")
-    assert partial.is_symlink() or partial.read_text() == "not ours"  # left as it was
+    assert partial.is_symlink() or partial.is_file() or (partial / "config.json").read_text() == "{}"
     assert not out.exists()
+
+
+def test_saving_replaces_its_own_interrupted_run(tmp_path, monkeypatch):
+    from janus_core.quant import folder as quant_folder
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(quant_folder.shutil, "copyfile", interrupted)  # after the weights, before the side files
+        with pytest.raises(KeyboardInterrupt):
+            save_quantized(PRO_TINY, tmp_path / "q", "int8")
+    assert (tmp_path / "q.partial" / "model.safetensors").is_file()
+    assert read_quantization(save_quantized(PRO_TINY, tmp_path / "q", "int8")).mode == "int8"
+    assert not (tmp_path / "q.partial").exists() and not (tmp_path / "q" / ".janus-quantize").exists()
 
 
 def test_quantized_folder_with_another_option_is_refused(int4_folder):

@@ -11,7 +11,8 @@ source stored it) and ``janus_quantization.json``::
 
 ``modules`` lists the quantized layers; the loader refuses names that may not be quantized. Writing streams
 the source one tensor at a time (pickles memory-mapped), so it holds about one source tensor at a time and
-needs no GPU; the folder is written as ``<name>.partial`` and renamed when complete.
+needs no GPU; the folder is written as ``<name>.partial`` (marked as such, so that a later run deletes only its
+own leftovers, never an unfinished download of the same name) and renamed when complete.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ FORMAT = "janus-core-weight-only"
 VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 PARTIAL_SUFFIX = ".partial"
+PARTIAL_MARK = ".janus-quantize"  # in <name>.partial while writing: only such a folder is ever deleted
 # Names of the stored tensors of a quantized layer end so (QuantWeights' parameters).
 QUANTIZED_SUFFIXES = (".qweight", ".qscale")
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -205,12 +207,13 @@ def save_quantized(source: str | Path, destination: str | Path, mode: str, *, lm
                 raise CheckpointError(f"{source} does not match its config.json: '{name}' should be "
                                       f"{list(meta.shape)} but the checkpoint {found}. Re-download the checkpoint.")
         partial = destination.with_name(destination.name + PARTIAL_SUFFIX)
-        if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
-            raise JanusError(f"{partial} exists and is not a folder an earlier quantize run left behind; move it away "
-                             "or choose another output folder.")
-        if partial.exists():  # an interrupted earlier run
-            shutil.rmtree(partial)
+        if partial.is_symlink() or partial.exists():
+            if partial.is_symlink() or not (partial / PARTIAL_MARK).is_file():
+                raise JanusError(f"{partial} exists and is not a folder an earlier quantize run left behind (it may "
+                                 "be an unfinished download); move it away or choose another output folder.")
+            shutil.rmtree(partial)  # an interrupted earlier run
         partial.mkdir(parents=True)
+        (partial / PARTIAL_MARK).write_text("an unfinished `python -m janus_core quantize` run\n", encoding="utf-8")
         writer = _StreamWriter(partial / WEIGHTS_FILE, specs)
         try:
             for name, tensor in iter_checkpoint(source, stream=True, by_rows=targets.__contains__):
@@ -237,6 +240,7 @@ def save_quantized(source: str | Path, destination: str | Path, mode: str, *, lm
         record = {"format": FORMAT, "version": VERSION, "mode": mode, "group_size": formats.INT4_GROUP,
                   "scale_dtype": str(formats.SCALE_DTYPE).removeprefix("torch."), "modules": names}
         (partial / QUANT_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        (partial / PARTIAL_MARK).unlink()
         partial.rename(destination)
         logger.info("wrote the %s checkpoint %s (%d quantized layers)", mode, destination, len(names))
         return destination
@@ -248,8 +252,9 @@ def check_folder(folder: Path, quantized: QuantizedFolder, net: torch.nn.Module,
     if requested is not None and requested != quantized.mode:
         raise JanusError(
             f"{folder} holds {quantized.mode} weights (see {QUANT_FILE}), so it cannot be loaded as {requested}. "
-            f"Load it with quantize={quantized.mode!r} or without quantize (in the loader node: {quantized.mode} "
-            f"or auto), or quantize the original checkpoint to {requested}."
+            f"Load it as {quantized.mode} or auto (library: quantize={quantized.mode!r} or None; command line: "
+            f"--dtype {quantized.mode} or auto; loader node: {quantized.mode} or auto), or quantize the original "
+            f"checkpoint to {requested}."
         )
     check_modules(net, list(quantized.modules), str(folder / QUANT_FILE))
     if any(p.suffix != ".safetensors" for p in weight_files(folder)):
