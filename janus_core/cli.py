@@ -325,8 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         resolve_device(getattr(args, "device", None))  # before any download or load
         if args.command == "understand":
-            for answer in _run_understand(args):
-                sys.stdout.write(answer.strip() + "\n")
+            answers = _run_understand(args)
+            if len(answers) == 1:
+                sys.stdout.write(answers[0].strip() + "\n")
+            else:  # answers may span lines: each under a header naming its image
+                for path, answer in zip(args.image, answers, strict=True):
+                    sys.stdout.write(f"== {path} ==\n{answer.strip()}\n")
         elif args.command == "quantize":
             sys.stdout.write(f"{_run_quantize(args)}\n")
         else:

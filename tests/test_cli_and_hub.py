@@ -74,6 +74,19 @@ def test_understand_cli_prints_the_answer(capsys):
     assert capsys.readouterr().out == expected.strip() + "\n"
 
 
+def test_understand_cli_heads_each_answer_with_its_image(tmp_path, capsys):
+    flipped = tmp_path / "flipped.png"
+    Image.open(IMAGE_PATH).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
+    code = main(["understand", "--model", str(PRO_TINY), "--image", str(IMAGE_PATH), "--image", str(flipped),
+                 "--question", "Describe this image.", "--max-new-tokens", "8", "--dtype", "fp32", "--device", "cpu"])
+    assert code == 0
+    model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.float32)
+    answers = understand(model, [Image.open(IMAGE_PATH), Image.open(flipped)], "Describe this image.",
+                         max_new_tokens=8)
+    assert capsys.readouterr().out == "".join(f"== {path} ==\n{answer.strip()}\n"
+                                              for path, answer in zip((IMAGE_PATH, flipped), answers, strict=True))
+
+
 def test_cli_reports_bad_input_without_traceback(tmp_path, caplog):
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "has no config.json" in caplog.text
