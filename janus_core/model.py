@@ -276,6 +276,9 @@ def load_weights(net: nn.Module, config: JanusConfig, folder: Path, device: torc
     if unexpected:
         problems.append(f"{len(unexpected)} unknown tensor(s): " + _listing(unexpected))
     if problems:
+        if any(name.endswith(quant_folder.QUANTIZED_SUFFIXES) for name in unexpected):
+            problems.append(f"the quantized layers stored do not match the list in {quant_folder.QUANT_FILE}, "
+                            "which was edited or belongs to another folder: quantize the original checkpoint again")
         raise CheckpointError(f"The checkpoint in {folder} does not match its config.json; "
                               + "; ".join(problems) + ". Re-download the checkpoint or check the variant.")
     net.load_state_dict(loaded, strict=quantized is None, assign=True)

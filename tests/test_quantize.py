@@ -504,6 +504,7 @@ def test_quantizing_the_uvit_is_refused(tmp_path):
     (lambda r: r.update(version=7), "version 7 of the quantized format"),
     (lambda r: r.update(modules=["gen_embed"]), "not one of the layers"),
     (lambda r: r["modules"].append(r["modules"][0]), "modules names 'language_model.*' more than once"),
+    (lambda r: r["modules"].pop(0), "quantized layers stored do not match the list in janus_quantization.json"),
 ])
 def test_bad_quantization_record_is_refused(int4_folder, tmp_path, edit, phrase):
     with pytest.raises(CheckpointError, match=phrase):
@@ -537,6 +538,15 @@ def test_quantized_tensors_of_the_wrong_dtype_or_count_are_refused(int4_folder, 
 
     with pytest.raises(CheckpointError, match="10 missing tensor.*layers.1.mlp.down_proj.qscale"):
         janus_core.load_model(doctored(int4_folder, tmp_path / "b", edit_tensors=drop_layer), device="cpu")
+
+    scale = name.replace("qweight", "qscale")
+
+    def cut_scale(t):
+        t[scale] = t[scale][:-1].clone()
+
+    with pytest.raises(CheckpointError) as info:
+        janus_core.load_model(doctored(int4_folder, tmp_path / "c", edit_tensors=cut_scale), device="cpu")
+    assert f"{scale}: checkpoint" in str(info.value) and "missing" not in str(info.value)  # qweight is there
 
 
 def test_weight_count_check_knows_quantized_layouts(int4_folder, tmp_path):

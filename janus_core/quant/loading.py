@@ -53,6 +53,7 @@ class QuantizedLayers:
         self.device, self.dtype_of, self.prepare, self.fallback = device, dtype_of, prepare, fallback
         self._staged: dict[str, _Staged] = {}
         self.installed: set[str] = set()
+        self.received: set[str] = set()  # stored names that arrived (a misshaped one too)
         self.stored_names = {f"{name}.{key}": name for name in self.layers for key in QUANT_KEYS}
 
     def accepts(self, name: str) -> bool:
@@ -79,6 +80,7 @@ class QuantizedLayers:
 
         A layer whose rows are all in is installed at once (:meth:`_install`).
         """
+        self.received.add(name)
         if self.targets is not None:
             target = self.targets[name]
             layer = target.module
@@ -121,5 +123,4 @@ class QuantizedLayers:
     def missing(self) -> list[str]:
         """Stored tensors that never arrived (source weights or quantized-folder tensors)."""
         names = self.targets if self.targets is not None else self.stored_names
-        return [n for n in names if (self.targets[n].module_name if self.targets is not None else self.stored_names[n])
-                not in self.installed]
+        return [n for n in names if n not in self.received]
