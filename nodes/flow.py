@@ -30,6 +30,9 @@ def latent_inputs(latent: dict | None) -> tuple[torch.Tensor | None, torch.Tenso
     if not isinstance(samples, torch.Tensor):
         raise JanusError("The latent input needs a LATENT with 'samples' (a tensor): connect a VAE Encode node "
                          "(Load VAE: sdxl_vae.safetensors) fed with a 384x384 image.")
+    if samples.dim() != 4:
+        raise JanusError(f"The latent input is {samples.dim()}-D {list(samples.shape)} (a video latent?); it needs an "
+                         "image LATENT [B, 4, 48, 48]: VAE Encode (Load VAE: sdxl_vae.safetensors) of a 384x384 image.")
     return sdxl_vae_to_latent(samples), latent.get("noise_mask")
 
 

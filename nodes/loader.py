@@ -70,6 +70,8 @@ def model_name(model: str) -> str:
     Raises CheckpointError for names that could leave the registered folders: absolute paths, drive letters,
     ``~``, ``.``/``..`` or empty parts.
     """
+    if not isinstance(model, str):
+        raise CheckpointError(f"The model must be a folder name (text), got {type(model).__name__}.")
     name = model.removesuffix(DOWNLOAD_SUFFIX).strip()
     if not name:
         raise CheckpointError("No model chosen: pick a folder from models/Janus or a '(download)' entry.")

@@ -202,13 +202,14 @@ class DSJanusARSampler:
                                   "(0 = off, 1 = greedy)."}),
                 "top_p": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Nucleus "
                                     "sampling: keep the smallest set reaching this probability (1 = off)."}),
+            },
+            # optional, first: API prompts saved before editing existed still run; the widget order is unchanged
+            "optional": {
                 "image_cfg_weight": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip":
                                                "Only when the CFG pair was built with an image (editing): weight w2 "
                                                "of the row that sees the image's features but not its tokens, cond "
                                                "= (full + w2 * part) / (1 + w2). Lower stays closer to the input "
                                                "image, higher follows the instruction more freely."}),
-            },
-            "optional": {
                 "init_tokens": ("DSJANUS_TOKENS", {"tooltip": "Tokens to start from (Janus VQ Encode of an image, "
                                                    "or an earlier sampler run, same model): kept where the mask is "
                                                    "0, regenerated where it is 1. Needs the mask."}),

@@ -260,6 +260,7 @@ def test_node_announces_the_img2img_estimate(handle, node_pair, latent, monkeypa
     ({"samples": torch.zeros(3, 4, 48, 48)}, 0.5, "batch of 3"),
     ({"samples": torch.zeros(1, 4, 48, 48), "noise_mask": torch.ones(1, 1, 384, 300)}, 0.5, "384x300 mask"),
     ({"noise_mask": torch.ones(1, 1, 48, 48)}, 0.5, "LATENT with 'samples'"),
+    ({"samples": torch.zeros(1, 16, 4, 48, 48)}, 0.5, r"5-D \[1, 16, 4, 48, 48\] \(a video latent\?\)"),
     ({"samples": torch.zeros(1, 4, 48, 48)}, 0.0, r"denoise must be in \(0, 1\]"),
 ])
 def test_node_bad_latent_inputs(handle, node_pair, latent_input, denoise, message):

@@ -145,6 +145,13 @@ def test_validate_inputs_rejects(models_dir, value):
     assert isinstance(message, str) and message
 
 
+@pytest.mark.parametrize("value", [5, None, ["Janus-Pro-1B"]])
+def test_validate_inputs_rejects_names_that_are_not_text(models_dir, value):
+    """The HTTP API accepts any JSON value for the model widget."""
+    assert DSJanusModelLoader.VALIDATE_INPUTS(value) == (
+        f"The model must be a folder name (text), got {type(value).__name__}.")
+
+
 def test_validate_message_names_the_folders(models_dir):
     assert str(models_dir) in DSJanusModelLoader.VALIDATE_INPUTS("not-a-model")
 
