@@ -82,7 +82,7 @@ def encode_prompt(model: JanusModel, text: str, what: str = "prompt", *, edit: b
     if not isinstance(text, str):
         raise JanusError(f"Expected the {what} as text, a PromptTokens or a CFGPair, got {type(text).__name__} "
                          "(a FlowCFG belongs to a JanusFlow model and its flow sampler).")
-    if blank_allowed and isinstance(text, str) and not text.strip():
+    if blank_allowed and not text.strip():
         return PromptTokens(text, "", torch.empty(0, dtype=torch.long), model.variant, model_key(model))
     if edit:
         check_text(what, text, "say how the image should change")
