@@ -254,7 +254,8 @@ def _open_images(paths: Sequence[str]) -> list:
     for path in paths:
         file = Path(path).expanduser()
         if not file.is_file():
-            problem = "is a folder" if file.is_dir() else "does not exist"
+            problem = ("is a folder" if file.is_dir() else "is not a regular file" if file.exists() else
+                       "does not exist")
             raise JanusError(f"--image {path} {problem}; give an image file (PNG, JPEG, WebP, ...).")
         try:
             with warnings.catch_warnings():  # large pictures are fine here: they are shrunk to 384 px

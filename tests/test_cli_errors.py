@@ -69,7 +69,8 @@ def test_understand_reports_a_missing_image_before_loading(tmp_path):
 
 
 @pytest.mark.parametrize(("image", "problem"), [("notes.txt", "is not an image Pillow can read"),
-                                                (".", "is a folder")], ids=["not an image", "folder"])
+                                                (".", "is a folder"), (os.devnull, "is not a regular file")],
+                         ids=["not an image", "folder", "device"])
 def test_understand_reports_unreadable_images(tmp_path, monkeypatch, caplog, image, problem):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("not a picture")
