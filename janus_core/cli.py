@@ -250,6 +250,8 @@ def _open_images(paths: Sequence[str]) -> list:
     """Every ``--image`` file read as a PIL image, before any model is loaded."""
     from PIL import Image
 
+    from .images import pil_to_rgb
+
     images = []
     for path in paths:
         file = Path(path).expanduser()
@@ -265,6 +267,10 @@ def _open_images(paths: Sequence[str]) -> list:
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise JanusError(f"--image {path} is not an image Pillow can read ({type(exc).__name__}: {exc}); "
                              "give a PNG, JPEG or WebP file.") from exc
+        try:  # pixels the model cannot take (e.g. float data outside 0..1), named by file before loading
+            pil_to_rgb(image, (127, 127, 127))
+        except JanusError as exc:
+            raise JanusError(f"--image {path}: {exc}") from None
         images.append(image)
     return images
 

@@ -68,15 +68,20 @@ def test_understand_reports_a_missing_image_before_loading(tmp_path):
     assert "INFO janus_core.model" not in done.stderr
 
 
-@pytest.mark.parametrize(("image", "problem"), [("notes.txt", "is not an image Pillow can read"),
-                                                (".", "is a folder"), (os.devnull, "is not a regular file")],
-                         ids=["not an image", "folder", "device"])
+@pytest.mark.parametrize(("image", "problem"), [("notes.txt", " is not an image Pillow can read"),
+                                                (".", " is a folder"), (os.devnull, " is not a regular file"),
+                                                ("float.tiff", ": A mode 'F' (float) image holds values from 7")],
+                         ids=["not an image", "folder", "device", "float pixels out of range"])
 def test_understand_reports_unreadable_images(tmp_path, monkeypatch, caplog, image, problem):
+    import numpy as np
+    from PIL import Image
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("not a picture")
+    Image.fromarray(np.full((4, 4), 7.0, dtype=np.float32)).save(tmp_path / "float.tiff")  # 0..1 expected
     assert cli.main(["understand", "--model", str(PRO_TINY), "--image", image]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and errors[0].startswith(f"--image {image} {problem}")
+    assert len(errors) == 1 and errors[0].startswith(f"--image {image}{problem}")
 
 
 def test_unusable_device_is_one_line(tmp_path):
