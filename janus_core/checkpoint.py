@@ -512,6 +512,13 @@ def _duplicate(name: str, first: Path, second: Path) -> CheckpointError:
         "mixes files of different downloads or versions. Re-download the checkpoint into an empty folder.")
 
 
+def _claim(seen: dict[str, Path], name: str, path: Path) -> None:
+    """Record that ``path`` stores the tensor ``name``; refuse a second file storing it."""
+    if name in seen:
+        raise _duplicate(name, seen[name], path)
+    seen[name] = path
+
+
 def _weight_headers(folder: str | Path) -> Iterator[tuple[Path, list[_Entry] | None]]:
     """Every weight file of ``folder`` with its safetensors header entries (None for a ``.bin``), checked across
     files: no tensor stored in two files, and every tensor an index places in a shard found in that shard."""
@@ -523,9 +530,7 @@ def _weight_headers(folder: str | Path) -> Iterator[tuple[Path, list[_Entry] | N
             continue
         entries = _header_entries(path)
         for entry in entries:
-            if entry.name in seen:
-                raise _duplicate(entry.name, seen[entry.name], path)
-            seen[entry.name] = path
+            _claim(seen, entry.name, path)
         absent = sorted(set(listed or ()) - {e.name for e in entries})
         if absent:
             raise CheckpointError(
@@ -570,9 +575,7 @@ def iter_checkpoint(folder: str | Path, destination: Destination | None = None, 
         tensors = (_iter_safetensors(path, destination, by_rows) if path.suffix == ".safetensors" else
                    _iter_pickle(path, destination, stream, by_rows))
         for name, tensor in tensors:
-            if name in seen:
-                raise _duplicate(name, seen[name], path)
-            seen[name] = path
+            _claim(seen, name, path)
             yield name, tensor
 
 
@@ -591,7 +594,6 @@ def tensor_specs(folder: str | Path) -> dict[str, tuple[tuple[int, ...], torch.d
         found = ([(e.name, e.shape, e.dtype) for e in entries] if entries is not None else
                  [(n, tuple(t.shape), t.dtype) for n, t in _load_pickle(path, mmap=True).items()])
         for name, shape, dtype in found:
-            if name in where:
-                raise _duplicate(name, where[name], path)
-            where[name], specs[name] = path, (shape, dtype)
+            _claim(where, name, path)
+            specs[name] = (shape, dtype)
     return specs

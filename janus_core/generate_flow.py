@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .arguments import finite_number, whole_number
-from .config import FLOW_LATENT_SIZE
+from .config import FLOW_GRID, FLOW_LATENT_SIZE
 from .errors import JanusError
 from .llm import forward_bytes, kv_cache_bytes, work_buffer_bytes
 from .memory import check_fits
@@ -196,27 +196,22 @@ def noise_bytes(model: JanusModel, batch_size: int) -> int:
     return batch_size * GENERATOR_BYTES + 3 * latent
 
 
-def initial_noise(model: JanusModel, batch_size: int, seed: int) -> torch.Tensor:
+def initial_noise(model: JanusModel, batch_size: int, seed: int, offsets: Sequence[int] | None = None
+                  ) -> torch.Tensor:
     """Starting latent ``[B, 4, 48, 48]`` in the U-ViT's dtype (``model.precision.flow``) on the model's device.
 
-    Row ``i`` is drawn with its own CPU generator seeded ``seed + i`` (mod 2**64, :func:`sampling.row_generators`),
-    in float32, then cast; so results do not depend on the device, and image ``i`` can be regenerated alone.
+    Row ``i`` is drawn with its own CPU generator seeded ``seed + i`` (or ``seed + offsets[i]``; mod 2**64,
+    :func:`sampling.row_generators`), in float32, then cast; so results do not depend on the device, and image
+    ``i`` can be regenerated alone.
     (The reference draws with the global CPU generator directly in bfloat16.) Refused with a
     :class:`JanusError` when :func:`noise_bytes` does not fit the free RAM.
     """
     shape = _latent_shape(model, 1)
     batch_size = whole_number("batch_size", batch_size, minimum=1)
     check_fits("cpu", noise_bytes(model, batch_size), "JanusFlow starting noise", batch_size)
-    gens = row_generators(seed, batch_size, torch.device("cpu"))
+    gens = row_generators(seed, batch_size, torch.device("cpu"), offsets)
     z = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
     return z.to(device=model.device, dtype=model.precision.flow)
-
-
-def _grid_positions(model: JanusModel) -> int:
-    """Pixels of the UViT feature grid (24 x 24 for the release: the 576 image tokens)."""
-    f = model.config.flow
-    side = (LATENT_SIZE + 2 * f.padding - f.kernel_size) // f.stride + 1
-    return side * side
 
 
 def flow_bytes(model: JanusModel, pair: FlowCFG, cfg_weight: float = 2.0, image_input: bool = False) -> int:
@@ -234,7 +229,7 @@ def flow_bytes(model: JanusModel, pair: FlowCFG, cfg_weight: float = 2.0, image_
     b = pair.batch_size
     groups = 2 if cfg_weight != 1.0 else 1
     rows, prompt = groups * b, pair.prompt_len
-    new, grid = 1 + IMAGE_TOKENS, _grid_positions(model)
+    new, grid = 1 + IMAGE_TOKENS, FLOW_GRID * FLOW_GRID  # the U-ViT's feature grid (config.py checks it)
     context = prompt + new
     prefill = kv_cache_bytes(spec, groups, prompt, dtype) + forward_bytes(spec, groups, prompt, prompt, dtype, device)
     # noise, z, dt, next z (float32 at most); with an input latent: it, the re-noised input and a blend (the mask

@@ -9,6 +9,8 @@ the same result; CUDA generators use all 64 bits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .arguments import finite_number, whole_number
@@ -63,13 +65,18 @@ def check_sampling_args(temperature: object, top_k: object, top_p: object, *,
     return temperature, top_k, top_p
 
 
-def row_generators(seed: int, batch: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per row on ``device``, row ``i`` seeded with ``(seed + i) mod 2**64``."""
+def row_generators(seed: int, batch: int, device: torch.device,
+                   offsets: Sequence[int] | None = None) -> list[torch.Generator]:
+    """One generator per row on ``device``, row ``i`` seeded with ``(seed + offsets[i]) mod 2**64`` (offsets
+    default to ``0 .. batch - 1``)."""
     seed = check_seed(seed)
+    offsets = range(batch) if offsets is None else offsets
+    if len(offsets) != batch:
+        raise JanusError(f"internal: {len(offsets)} seed offsets for {batch} rows")
     gens = []
-    for i in range(batch):
+    for offset in offsets:
         g = torch.Generator(device=device)
-        g.manual_seed((seed + i) % (SEED_MAX + 1))
+        g.manual_seed((seed + offset) % (SEED_MAX + 1))
         gens.append(g)
     return gens
 

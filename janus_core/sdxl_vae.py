@@ -60,7 +60,7 @@ def load_sdxl_vae(path_or_repo: str | Path = DEFAULT_SDXL_VAE, device: torch.dev
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise JanusError(f"{local} is not a usable diffusers AutoencoderKL folder ({reason[:200]}); pass the SDXL "
-                             f"VAE folder (config.json + diffusion_pytorch_model.safetensors, e.g. a download of "
+                             f"VAE folder (config.json + {VAE_WEIGHTS}, e.g. a download of "
                              f"'{DEFAULT_SDXL_VAE}'), and re-download it if its weights are damaged.") from exc
     else:
         vae = _from_hub(AutoencoderKL, source, dtype)

@@ -13,7 +13,7 @@ from janus_core.generate_flow import (
     latent_to_sdxl_vae,
     sdxl_vae_to_latent,
 )
-from janus_core.sampling import SEED_MAX, check_seed
+from janus_core.sampling import SEED_MAX
 
 from . import comfy_services as comfy
 from .loader import JanusModelHandle
@@ -36,23 +36,20 @@ def latent_inputs(latent: dict | None) -> tuple[torch.Tensor | None, torch.Tenso
     return sdxl_vae_to_latent(samples), latent.get("noise_mask")
 
 
-def noise_seeds(latent: dict | None, seed: int, batch: int) -> list[int]:
-    """The seed of each image's starting noise: ``seed + i``, or ``seed + batch_index[i]`` for a LATENT that
-    carries core's ``batch_index`` (Latent From Batch), so an image picked out of a batch is redrawn as it was
-    there (one index for the whole batch counts on from it)."""
-    seed = check_seed(seed)
+def noise_offsets(latent: dict | None, batch: int) -> list[int] | None:
+    """Each image's seed offset for its starting noise: None (image i: seed + i), or core's ``batch_index`` of the
+    LATENT (Latent From Batch), so an image picked out of a batch is redrawn as it was there (one index for the
+    whole batch counts on from it)."""
     index = latent.get("batch_index") if isinstance(latent, dict) else None
     if index is None:
-        return [(seed + i) % (SEED_MAX + 1) for i in range(batch)]
+        return None
     whole = isinstance(index, list | tuple) and all(isinstance(i, int) and i >= 0 for i in index)
     if whole and len(index) == batch:
-        offsets = list(index)
-    elif whole and len(index) == 1:
-        offsets = [index[0] + i for i in range(batch)]
-    else:
-        raise JanusError(f"The latent's batch_index must list one whole number >= 0 per image (or one for all), "
-                         f"got {str(index)[:60]} for {batch} image(s); remake the latent with core latent nodes.")
-    return [(seed + offset) % (SEED_MAX + 1) for offset in offsets]
+        return list(index)
+    if whole and len(index) == 1:
+        return [index[0] + i for i in range(batch)]
+    raise JanusError(f"The latent's batch_index must list one whole number >= 0 per image (or one for all), "
+                     f"got {str(index)[:60]} for {batch} image(s); remake the latent with core latent nodes.")
 
 
 class DSJanusFlowSampler:
@@ -101,8 +98,7 @@ class DSJanusFlowSampler:
         progress = comfy.Progress(steps)
         previewer = comfy.sdxl_latent_previewer(m.device)  # z is SDXL-scaled, as ComfyUI's previewers expect
         z = None
-        noise = torch.cat([initial_noise(m, 1, row_seed) for row_seed in noise_seeds(latent, seed,
-                                                                                     cfg_pair.batch_size)])
+        noise = initial_noise(m, cfg_pair.batch_size, seed, noise_offsets(latent, cfg_pair.batch_size))
         for st in iter_flow_steps(m, cfg_pair, noise, steps, cfg_weight, init_latent, denoise, noise_mask):
             z = st.z
             # the preview shows where the image is heading, not the still-noisy z
