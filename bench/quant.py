@@ -12,9 +12,12 @@
 * kernels: one decoder layer's matmuls at a few row counts, bf16 in both operand orders against int8 / int4,
   with their multiply-add rates (GFLOP/s) and, for scale, the rate of large bf16 / float32 matmuls.
 * speed: ms per AR step (CFG rows, ``--steps`` steps right after the prompt, and the last ``--steps`` of an
-  image unless ``--no-late``) of the same checkpoint loaded as bf16 / int8 / int4, alternated, medians over steps
-  where no other process used the CPU, and the paired speed-up (median over repeats of the speed-up within one
-  repeat) of the early steps and of a whole image's mean step.
+  image unless ``--no-late``) of the same checkpoint loaded as bf16 / int8 / int4 (``--precisions``), alternated,
+  medians over steps where no other process used the CPU, and the paired speed-up (median over repeats of the
+  speed-up within one repeat) of the early steps and of a whole image's mean step.
+
+Where int4 runs on the AVX512-BF16 kernel built here (:mod:`janus_core.quant.native_int4`), the kernels and speed
+sections also time ``int4-torch``: the same int4 weights on torch's own CPU kernel, as before that kernel existed.
 * quality: against the float32 model of the same random checkpoint: guided logits under teacher forcing
   (relative L2 error, top-1 agreement), greedy image tokens (576), and an understanding answer (greedy
   token agreement; text logits under teacher forcing with and without ``lm_head`` quantized). Random
@@ -26,6 +29,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -48,6 +52,7 @@ from janus_core.llm import KVCache, linear
 from janus_core.model import JanusModel, load_model, param_bytes
 from janus_core.precision import local_cpu_class
 from janus_core.prompts import IMAGE_TOKENS
+from janus_core.quant import kernels, native_int4
 from janus_core.quant.formats import MODES
 from janus_core.quant.linear import quantize_modules, standard_modules
 from janus_core.sampling import cfg_mix
@@ -63,6 +68,7 @@ logger = logging.getLogger("bench.quant")
 
 SECTIONS = ("memory", "kernels", "speed", "quality")
 PRECISIONS = ("bf16", *MODES)
+TORCH_INT4 = "int4-torch"  # int4 on torch's CPU kernel, timed where the AVX512-BF16 one serves int4
 GB = 1e9
 FORCED_STEPS = 40
 QUESTION = "Describe this image in detail."
@@ -81,7 +87,34 @@ def computed_weight_bytes(name: str) -> dict[str, int]:
     return sizes
 
 
+@contextlib.contextmanager
+def torch_int4_kernel():
+    """int4 weights laid out for torch's CPU kernel while inside (the AVX512-BF16 kernel turned off); the kernel
+    decisions are made afresh on both sides, so models loaded before keep their own kernel."""
+    before = os.environ.get(native_int4.SWITCH)
+    os.environ[native_int4.SWITCH] = "0"
+    kernels._CHOICES.clear()
+    native_int4._load.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[native_int4.SWITCH]
+        else:
+            os.environ[native_int4.SWITCH] = before
+        kernels._CHOICES.clear()
+        native_int4._load.cache_clear()
+
+
+def native_int4_serves() -> bool:
+    """Whether int4 in bf16 runs on the AVX512-BF16 kernel here (then ``int4-torch`` is timed beside it)."""
+    return kernels.kernel_for(torch.device("cpu"), "int4", torch.bfloat16).layout == kernels.NATIVE_INT4
+
+
 def _load(folder: Path, precision: str) -> JanusModel:
+    if precision == TORCH_INT4:
+        with torch_int4_kernel():
+            return _load(folder, "int4")
     quantize = precision if precision in MODES else None
     dtype = torch.float32 if precision == "fp32" else None  # bf16 / int8 / int4: the rest in the auto precision
     return load_model(folder, device="cpu", dtype=dtype, quantize=quantize)
@@ -167,7 +200,10 @@ class SpeedRun:
 
 
 def bench_speed(args: argparse.Namespace, folder: Path) -> None:
-    models = {p: _load(folder, p) for p in PRECISIONS}
+    precisions = ["bf16", *(p for p in args.precisions if p != "bf16")]  # bf16: the baseline of every speed-up
+    if "int4" in precisions and TORCH_INT4 not in precisions and native_int4_serves():
+        precisions.append(TORCH_INT4)
+    models = {p: _load(folder, p) for p in precisions}
     rows = []
     for parallel in args.parallel:
         pairs = {p: build_cfg_pair(m, PROMPT, parallel) for p, m in models.items()}
@@ -242,21 +278,24 @@ def layer_shapes(name: str) -> list[tuple[int, int]]:
 
 def bench_kernels(args: argparse.Namespace) -> None:
     """One decoder layer's matmuls, bf16 in both operand orders against int8 / int4 (what each row count uses)."""
-    from janus_core.quant import formats, kernels
+    from janus_core.quant import formats
 
     rows_out = []
+    quant_labels = [*MODES, *([TORCH_INT4] if native_int4_serves() else [])]
     packing = cpu_packed.can_pack(torch.bfloat16)
     for name in ("pro-1b", "pro-7b"):
         layer = []
         for n, k in layer_shapes(name):
             w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).mul_(0.02).bfloat16()
             handles = {}
-            for mode in MODES:
+            for label in quant_labels:
+                mode = label.removesuffix("-torch")
                 qweight, qscale = formats.quantize(w, mode)
-                choice = kernels.kernel_for(torch.device("cpu"), mode, torch.bfloat16)
+                with torch_int4_kernel() if label == TORCH_INT4 else contextlib.nullcontext():
+                    choice = kernels.kernel_for(torch.device("cpu"), mode, torch.bfloat16)
                 packed, scales = kernels.pack(qweight, qscale, mode, choice.layout, torch.bfloat16)
-                handles[mode] = kernels.QuantizedWeight(packed, scales, mode, choice.layout, choice.kernel,
-                                                         formats.group_size(mode, k), (n, k))
+                handles[label] = kernels.QuantizedWeight(packed, scales, mode, choice.layout, choice.kernel,
+                                                          formats.group_size(mode, k), (n, k))
             layer.append((w, cpu_packed.pack(w) if packing else None, handles))
         for rows in args.kernel_rows:
             times: dict[str, float] = {}
@@ -273,17 +312,19 @@ def bench_kernels(args: argparse.Namespace) -> None:
                     times[label] = times.get(label, 0.0) + _fastest_call(fn)
             best_bf16 = min(t for label, t in times.items() if label.startswith("bf16"))
             times.setdefault("bf16 packed", float("nan"))
-            order = ["bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", "bf16 packed", *MODES]
+            order = ["bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", "bf16 packed", *quant_labels]
             flop = 2 * rows * sum(w.numel() for w, _, _ in layer)
             rows_out.append([name, rows, *(f"{times[label] * 1e3:.2f}" for label in order),
-                             *(f"{best_bf16 / times[m]:.2f}" for m in MODES),
-                             f"{flop / best_bf16 / 1e9:.0f}", *(f"{flop / times[m] / 1e9:.0f}" for m in MODES)])
+                             *(f"{best_bf16 / times[m]:.2f}" for m in quant_labels),
+                             f"{flop / best_bf16 / 1e9:.0f}", *(f"{flop / times[m] / 1e9:.0f}" for m in quant_labels)])
     print_table("One decoder layer's matmuls (joined q/k/v, o, gate/up, down), ms, fastest of 7 calls; bf16 "
                 "linear(): the form janus_core.precision picks for plain weights on this CPU class; bf16 packed: "
                 "oneDNN-packed weights (what the decoder layers use where the CPU can pack; nan: it cannot); int8 / "
-                f"int4: what janus_core.quant.kernels.matmul picks for the row count; CPU: {local_cpu_class()}",
-                ["model", "rows", "bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", "bf16 packed", *MODES,
-                 *(f"{m} vs best bf16" for m in MODES), "best bf16 GFLOP/s", *(f"{m} GFLOP/s" for m in MODES)],
+                f"int4: what janus_core.quant.kernels.matmul picks for the row count (int4-torch: torch's int4 "
+                f"kernel, where the AVX512-BF16 one serves int4); CPU: {local_cpu_class()}",
+                ["model", "rows", "bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", "bf16 packed", *quant_labels,
+                 *(f"{m} vs best bf16" for m in quant_labels), "best bf16 GFLOP/s",
+                 *(f"{m} GFLOP/s" for m in quant_labels)],
                 rows_out)
     print_peak_throughput(packing)
 
@@ -449,6 +490,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-late", dest="late", action="store_false",
                         help="speed: skip the late window (the last steps of an image, ~600 positions of KV cache)")
+    parser.add_argument("--precisions", type=lambda s: [v for v in s.split(",") if v], default=list(PRECISIONS),
+                        help=f"speed: precisions beside bf16 ({', '.join((*MODES, TORCH_INT4))}; int4-torch is added "
+                        "where int4 runs on the AVX512-BF16 kernel)")
     parser.add_argument("--memory-model", choices=("pro-1b", "pro-7b"), default="pro-7b")
     parser.add_argument("--memory-precisions", type=lambda s: [v for v in s.split(",") if v], default=list(PRECISIONS),
                         help="precisions loaded by the memory section (bf16 7B needs ~16 GB free RAM)")

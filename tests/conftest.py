@@ -17,6 +17,19 @@ def _deterministic_threads():
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def fresh_kernel_choices():
+    """The quantized-matmul kernel decided afresh before and after the test (tests fake broken or missing
+    kernels, or turn the AVX512-BF16 int4 one off)."""
+    from janus_core.quant import kernels, native_int4
+
+    kernels._CHOICES.clear()
+    native_int4._load.cache_clear()
+    yield
+    kernels._CHOICES.clear()
+    native_int4._load.cache_clear()
+
+
 @pytest.fixture(scope="module")
 def pro():
     """janus-pro-tiny in float32, loaded once per test module (modules may define their own ``pro``)."""

@@ -46,10 +46,13 @@ def test_pip_install_puts_janus_core_on_the_path(tmp_path, editable):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     found = _run([python, "-c", "import importlib.util as u, janus_core; print(janus_core.__file__); "
-                  "print([n for n in ('nodes', 'tests', 'bench') if u.find_spec(n)])"], elsewhere).split("\n")
+                  "print([n for n in ('nodes', 'tests', 'bench') if u.find_spec(n)]); "
+                  "from janus_core.quant import native_int4; print(native_int4.SOURCE.is_file())"],
+                 elsewhere).split("\n")
     expected_home = source if editable else tmp_path / "venv"
     assert Path(found[0]).is_relative_to(expected_home), found[0]
     assert found[1] == "[]", "only janus_core is installed, not the ComfyUI glue, tests or benchmarks"
+    assert found[2] == "True", "the int4 kernel's C source is installed with the package"
     answer = _run([python, "-m", "janus_core", "understand", "--model", PRO_TINY, "--image", IMAGE_PATH,
                    "--max-new-tokens", "2", "--dtype", "fp32", "--device", "cpu"], elsewhere)
     assert answer.strip()

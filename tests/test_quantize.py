@@ -13,7 +13,7 @@ import janus_core
 from janus_core import precision
 from janus_core.errors import CheckpointError, JanusError
 from janus_core.generate_ar import generate_image_tokens, score_image_tokens
-from janus_core.quant import formats, kernels
+from janus_core.quant import formats, kernels, native_int4
 from janus_core.quant.folder import QUANT_FILE, read_quantization, save_quantized
 from janus_core.quant.kernels import CPU_INT4, PLAIN, TILED_INT4, QuantizedWeight, kernel_for, matmul, pack
 from janus_core.quant.linear import EMBEDDINGS, QuantEmbedding, QuantLinear, quant_layers, quantize_modules
@@ -33,12 +33,13 @@ def random_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
 
 
-@pytest.fixture(autouse=True)
-def _fresh_kernel_choices():
-    """Each test sees the kernel decision made afresh (tests below fake broken or missing kernels)."""
-    kernels._CHOICES.clear()
-    yield
-    kernels._CHOICES.clear()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")
+
+
+@pytest.fixture
+def torch_int4(monkeypatch):
+    """int4 through torch's CPU kernel: the AVX512-BF16 one (tests/test_native_int4.py) turned off."""
+    monkeypatch.setenv(native_int4.SWITCH, "0")
 
 
 # --- formats ---------------------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_kernel_and_dequantized_path_equal_the_reference(mode, rows):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_rows_decide_between_kernel_and_dequantize(mode, monkeypatch):
+def test_rows_decide_between_kernel_and_dequantize(mode, monkeypatch, torch_int4):
     handle, _ = quantized(mode, 192, 256, torch.bfloat16)
     assert "cpu" in handle.kernel.device_types
     calls = []
@@ -135,7 +136,7 @@ def test_rows_decide_between_kernel_and_dequantize(mode, monkeypatch):
     (precision.AMX, 64, torch.bfloat16, False),
 ])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_dequantized_chunks_follow_the_cpu_class(mode, cpu_class, rows, work, by_row, monkeypatch):
+def test_dequantized_chunks_follow_the_cpu_class(mode, cpu_class, rows, work, by_row, monkeypatch, torch_int4):
     handle, reference = quantized(mode, 192, 256, torch.bfloat16)
     seen = []
     mm = torch.mm
@@ -165,13 +166,18 @@ def test_dequantized_matmul_asks_for_the_local_class_only_when_not_told(monkeypa
     assert float((told.float() - matmul(x, handle).float()).abs().max()) < 5e-2 * float(told.float().abs().max())
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_kernel_equals_fallback(mode):
+@pytest.mark.parametrize("mode, native", [("int8", True), ("int4", True), ("int4", False)],
+                         ids=["int8", "int4", "int4-torch-kernel"])
+def test_kernel_equals_fallback(mode, native, monkeypatch):
+    if not native:
+        monkeypatch.setenv(native_int4.SWITCH, "0")
     handle, _ = quantized(mode, 192, 256, torch.bfloat16)
     kernel = handle.kernel
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
     via_kernel = kernel.run(x, handle.qweight, handle.qscale, handle.group).float()
-    via_fallback = kernels._dequantized_matmul(x, handle, precision.local_cpu_class()).float()
+    qweight, qscale = formats.quantize(random_weight(192, 256), mode)
+    plain = QuantizedWeight(qweight, qscale.bfloat16(), mode, PLAIN, None, handle.group, (192, 256))
+    via_fallback = kernels._dequantized_matmul(x, plain, precision.local_cpu_class()).float()
     assert float((via_kernel - via_fallback).abs().max() / via_fallback.abs().max()) < 1.5e-2
 
 
@@ -194,7 +200,7 @@ def test_cpu_int4_layout_is_recognised_and_checked():
     assert torch.equal(kernels._unpack_blocks(packed, blocks, slice(0, 2 * blocks[0]), 64).int(), values)
 
 
-def test_unrecognised_cpu_int4_layout_uses_the_kernel_for_many_rows(monkeypatch):
+def test_unrecognised_cpu_int4_layout_uses_the_kernel_for_many_rows(monkeypatch, torch_int4):
     monkeypatch.setattr(kernels, "cpu_int4_blocks", lambda: None)
     handle, reference = quantized("int4", 192, 256, torch.bfloat16)
     assert handle.layout == CPU_INT4
@@ -203,7 +209,7 @@ def test_unrecognised_cpu_int4_layout_uses_the_kernel_for_many_rows(monkeypatch)
     assert float((matmul(x, handle).float() - expect).abs().max() / expect.abs().max()) < 1.5e-2
 
 
-def test_failing_self_check_falls_back_or_refuses(monkeypatch, caplog):
+def test_failing_self_check_falls_back_or_refuses(monkeypatch, caplog, torch_int4):
     real = torch.ops.aten._weight_int4pack_mm_for_cpu
 
     def wrong(x, packed, group, scale_zeros):
@@ -218,7 +224,7 @@ def test_failing_self_check_falls_back_or_refuses(monkeypatch, caplog):
         kernel_for(CPU, "int4", torch.bfloat16, fallback=False)
 
 
-def test_device_without_kernel_and_no_fallback_is_refused(monkeypatch):
+def test_device_without_kernel_and_no_fallback_is_refused(monkeypatch, torch_int4):
     """int4 on a device whose torch lacks the kernel: the fallback serves, unless it is not allowed."""
     monkeypatch.setattr(kernels, "_aten", lambda name: None if "int4" in name else getattr(torch.ops.aten, name))
     with pytest.raises(JanusError, match="No working int4 kernel on cpu.*not in this torch"):
@@ -398,7 +404,7 @@ def test_weights_stay_canonical_until_they_reach_their_compute_device():
     with torch.inference_mode():  # ComfyUI runs nodes, and so the handle's ready(), in inference mode
         model.pack_projections()  # what the ComfyUI handle does after moving the weights
         tokens = generate_image_tokens(model, "a cat", top_k=1)
-    assert CPU_INT4 in {m.layout for m in quant_layers(model.net).values()}
+    assert kernel_for(CPU, "int4", torch.bfloat16).layout in {m.layout for m in quant_layers(model.net).values()}
     direct = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize="int4")
     assert torch.equal(tokens, generate_image_tokens(direct, "a cat", top_k=1))
 

@@ -1,0 +1,217 @@
+"""int4 weights multiplied with AVX512-BF16 dot products: a small C kernel built on this machine at first use.
+
+torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) converts the weights to float32 and multiplies in
+float32, so on CPUs whose bf16 matmuls use ``vdpbf16ps`` (AVX512-BF16 without AMX: AMD Zen 4 / Zen 5, Intel
+Cooper Lake) it is ~1.6x slower than a bf16 matmul at 32 rows (an AR decode step at batch 16). The kernel in
+``int4_avx512bf16.c`` keeps the weights as 4-bit values, turns them into bf16 integers with one table lookup per
+32 weights and multiplies them with ``vdpbf16ps`` (exact products, float32 sums); each group's scale and zero
+are applied once in float32 (the file's header states the arithmetic and the layout).
+
+It is built with the machine's C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) into a cache folder
+(``$JANUS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/comfyui-janus/kernels``, else ``~/.cache/...``) on first use,
+about a second, and loaded with ctypes; it runs on the OpenMP runtime torch already loaded, so
+``torch.set_num_threads`` applies to it. Offered only on Linux x86-64 CPUs of the ``native-bf16`` class (see
+:mod:`janus_core.precision`; AMX CPUs keep torch's kernels, unmeasured here) whose torch runs its CPU kernels at
+the AVX-512 level, with an OpenMP torch; ``JANUS_NATIVE_KERNELS=0`` turns it off. Where it is not offered or
+its build fails, the reason is logged and torch's kernel serves (:mod:`janus_core.quant.kernels`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import precision
+from ..errors import JanusError
+from .formats import int4_values
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int4_avx512bf16.c")
+SYMBOL = "janus_int4_bf16_matmul"
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+BUILD_TIMEOUT = 300  # seconds
+BLOCK = 32  # outputs per block of the layout
+MAX_GROUP = 256  # the C file's 2 * MAX_PAIRS
+SWITCH = "JANUS_NATIVE_KERNELS"
+# Rows packed per step (whole blocks): the unpacked 0..15 values of a 102400-row lm_head would take 420 MB.
+PACK_ROWS = 4096
+
+
+def _compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` (split like a shell would), else the first of cc, gcc, clang on PATH."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
+    found = next((shutil.which(name) for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
+    return [found] if found else None
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (see the module docstring)."""
+    if os.environ.get("JANUS_KERNEL_CACHE"):
+        return Path(os.environ["JANUS_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "comfyui-janus" / "kernels"
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process (Linux)."""
+    names = ("libgomp", "libomp", "libiomp")
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        return {line.split()[-1] for line in maps if any(n in line.rsplit("/", 1)[-1] for n in names)}
+
+
+def platform_problem(caps: precision.CpuCaps) -> str | None:
+    """Why this machine cannot take the kernel (OS, CPU, torch build, the switch), or None."""
+    if os.environ.get(SWITCH, "1").strip() in ("0", "false", "no", "off"):
+        return f"is turned off ({SWITCH}={os.environ[SWITCH]})"
+    if not sys.platform.startswith("linux") or caps.arch.lower() not in ("x86_64", "amd64"):
+        return "is built for Linux on x86-64 only"
+    cpu_class = precision.bf16_class(caps)
+    if cpu_class != precision.NATIVE:
+        why = "torch's kernels use AMX there" if cpu_class == precision.AMX else "the CPU lacks AVX512-BF16"
+        return f"serves native-bf16 CPUs only ({why})"
+    if caps.capability != "AVX512":
+        return f"needs torch's AVX-512 kernels (torch runs at {caps.capability}, see ATEN_CPU_CAPABILITY)"
+    if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]:
+        return "needs a torch built with OpenMP (this one would run two thread pools)"
+    return None
+
+
+def _build(target: Path) -> None:
+    """Compile :data:`SOURCE` into ``target`` (atomically: concurrent builds cannot leave a half-written file)."""
+    compiler = _compiler()
+    if compiler is None:
+        raise JanusError("no C compiler found (set CC, or install gcc / clang)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
+    os.close(fd)
+    try:
+        command = [*compiler, *FLAGS, str(SOURCE), "-o", partial]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise JanusError(f"{shlex.join(compiler)} could not run ({exc})") from exc
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no message)"])[-1][:300]
+            raise JanusError(f"{shlex.join(compiler)} failed: {last}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _library_path() -> Path:
+    """The built library for this source, flags and compiler (built now if the cache lacks it)."""
+    compiler = _compiler() or ["?"]
+    try:
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60,
+                                 check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, FLAGS, version)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"int4_avx512bf16-{key}.so"
+    if not target.exists():
+        start = time.perf_counter()
+        _build(target)
+        logger.info("built the AVX512-BF16 int4 kernel in %.1f s: %s", time.perf_counter() - start, target)
+    return target
+
+
+@functools.cache
+def _load() -> tuple[Callable[..., None] | None, str | None]:
+    """(the C function, None) or (None, why not); once per process."""
+    problem = platform_problem(precision.local_cpu_caps())
+    if problem:
+        return None, problem
+    runtimes = _openmp_runtimes()
+    try:
+        library = ctypes.CDLL(str(_library_path()))
+    except (JanusError, OSError) as exc:
+        logger.warning("int4 on this CPU: the AVX512-BF16 kernel could not be built or loaded (%s); torch's int4 "
+                       "kernel serves instead, about 2x slower at batch 16. Install a C compiler (gcc) or set CC; "
+                       "%s=0 silences this.", exc, SWITCH)
+        return None, f"could not be built or loaded: {exc}"
+    if len(_openmp_runtimes() | runtimes) > max(1, len(runtimes)):
+        return None, "loaded a second OpenMP runtime next to torch's (the compiler's); not using it"
+    function = getattr(library, SYMBOL)
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [pointer, size, size, pointer, pointer, size, size, pointer, pointer]
+    function.restype = None
+    return function, None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot serve here (builds it on the first call where it can), or None."""
+    return _load()[1]
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def fits(out_features: int, in_features: int, group: int) -> bool:
+    """Whether the layout takes a ``[out_features, in_features]`` weight in int4 groups of ``group``."""
+    return (out_features % BLOCK == 0 and in_features % group == 0 and group % 2 == 0 and group <= MAX_GROUP)
+
+
+def pack(qweight: torch.Tensor, qscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical int4 ``qweight [N, K / 2]`` / ``qscale [N, K / g, 2]`` -> the kernel's ``[N / 32, K / 2, 32]``
+    bytes and ``[N / 32, K / g, 2, 32]`` scales (the C file's layout; same sizes as the canonical tensors)."""
+    n, half = qweight.shape
+    blocks, groups = n // BLOCK, qscale.shape[1]
+    packed = torch.empty(blocks, half, BLOCK, dtype=torch.uint8, device=qweight.device)
+    step = PACK_ROWS // BLOCK
+    for first in range(0, blocks, step):
+        last = min(first + step, blocks)
+        # [blocks, 2 halves, 16 outputs, pairs, 2 inputs] -> per half [blocks, pairs, (output, input)]
+        q = int4_values(qweight[first * BLOCK:last * BLOCK]).view(last - first, 2, BLOCK // 2, half, 2)
+        low, high = (q[:, i].permute(0, 2, 1, 3).reshape(last - first, half, BLOCK) for i in (0, 1))
+        packed[first:last] = low | (high << 4)
+    scales = qscale.view(blocks, BLOCK, groups, 2).permute(0, 2, 3, 1).contiguous()
+    return packed, scales
+
+
+def unpack(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canonical ``(qweight, qscale)`` of :func:`pack` ed tensors (new tensors, on their device)."""
+    blocks, half, _ = packed.shape
+    groups = scales.shape[1]
+    halves = [(packed & 0xF), (packed >> 4)]  # [blocks, pairs, (output, input)]
+    q = torch.stack([h.view(blocks, half, BLOCK // 2, 2).permute(0, 2, 1, 3) for h in halves], dim=1)
+    q = q.reshape(blocks * BLOCK, half * 2)
+    qweight = (q[:, 0::2] << 4) | q[:, 1::2]
+    qscale = scales.permute(0, 3, 1, 2).reshape(blocks * BLOCK, groups, 2)
+    return qweight.contiguous(), qscale.contiguous()
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """``x [M, K]`` bf16 (CPU) times the :func:`pack` ed weight ``[N, K]`` transposed -> ``[M, N]`` bf16."""
+    function, problem = _load()
+    if function is None:
+        raise JanusError(f"internal: the AVX512-BF16 int4 kernel {problem}")
+    blocks, half, _ = packed.shape
+    rows, k = x.shape
+    if (x.dtype != torch.bfloat16 or k != 2 * half or scales.shape != (blocks, k // group, 2, BLOCK)
+            or scales.dtype != torch.bfloat16 or not fits(blocks * BLOCK, k, group) or x.device.type != "cpu"):
+        raise JanusError(f"internal: int4 kernel given x {list(x.shape)} {x.dtype} on {x.device}, weight "
+                         f"{list(packed.shape)}, scales {list(scales.shape)} {scales.dtype}, group {group}")
+    x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()
+    y = torch.empty(rows, blocks * BLOCK, dtype=torch.bfloat16)
+    if rows:
+        x_sums = torch.empty(rows, k // group, dtype=torch.float32)
+        function(x.data_ptr(), rows, k, packed.data_ptr(), scales.data_ptr(), blocks * BLOCK, group,
+                 x_sums.data_ptr(), y.data_ptr())
+    return y
