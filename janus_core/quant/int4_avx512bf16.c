@@ -14,9 +14,10 @@
  * Scales: [N / 32][K / group][2][32] bf16 (scale then zero of the block's 32 outputs).
  *
  * Work: units of two blocks (64 outputs) shared among OpenMP threads (the runtime torch already loaded, so
- * torch.set_num_threads applies). Up to ROW_TILE rows, each block's weights are unpacked in registers as they are
- * used; more rows unpack a group of both blocks into an L1 buffer once and run register tiles of ROW_TILE_PAIR
- * rows x 64 outputs over it (fewer operand loads and broadcasts per dot product).
+ * torch.set_num_threads applies). Rows go in register tiles of ROW_TILE_PAIR rows x 64 outputs (24 accumulators:
+ * enough independent sums to hide the dot product's latency even for one or two rows). When one tile holds all
+ * rows, the weights are unpacked in registers as they are used; with more rows, a group of both blocks is
+ * unpacked into an L1 buffer once and read by every tile. A unit's odd last block uses tiles of ROW_TILE rows x 32.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -41,11 +42,11 @@ static inline void unpack_pair(const uint8_t *bytes, __m512i table, __m512i *low
 }
 
 /* One group of `rows` rows x `vecs` * 16 outputs (one block: 2, two blocks: 4): the integer-weight sums, then
- * sums += scale * them + zero * x-sum. Operands come from `unpacked` (`vecs` per pair) or, when `direct` (one
- * block), straight from the packed bytes. */
+ * sums += scale * them + zero * x-sum. Operands come from `unpacked` (`vecs` per pair) or, when `direct`, straight
+ * from the packed bytes of each block. */
 static inline __attribute__((always_inline)) void group_tile(
     const int rows, const int vecs, const int direct, const uint32_t *x_pairs, int64_t row_pairs, int64_t first_pair,
-    int64_t pairs, const __m512i *unpacked, const uint8_t *packed, __m512i table, const uint16_t *const *scale_zero,
+    int64_t pairs, const __m512i *unpacked, const uint8_t *const *packed, __m512i table, const uint16_t *const *scale_zero,
     const float *x_sums, int64_t groups, int64_t g, float *sums)
 {
     __m512 acc[ROW_TILE][4];
@@ -55,7 +56,8 @@ static inline __attribute__((always_inline)) void group_tile(
     for (int64_t p = 0; p < pairs; p++) {
         __m512i b[4];
         if (direct) {
-            unpack_pair(packed + p * 32, table, &b[0], &b[1]);
+            for (int v = 0; v < vecs; v += 2)
+                unpack_pair(packed[v / 2] + p * 32, table, &b[v], &b[v + 1]);
         } else {
             for (int v = 0; v < vecs; v++)
                 b[v] = unpacked[vecs * p + v];
@@ -87,10 +89,10 @@ static inline __attribute__((always_inline)) void group_tile(
         CASE(6, 2, DIRECT) CASE(7, 2, DIRECT) CASE(8, 2, DIRECT) CASE(9, 2, DIRECT) CASE(10, 2, DIRECT)       \
         CASE(11, 2, DIRECT) default: group_tile(12, 2, DIRECT, TILE_ARGS); break;                             \
     }
-#define TWO_BLOCK_TILES                                                                                       \
+#define TWO_BLOCK_TILES(DIRECT)                                                                               \
     switch (rows) {                                                                                           \
-        CASE(1, 4, 0) CASE(2, 4, 0) CASE(3, 4, 0) CASE(4, 4, 0) CASE(5, 4, 0)                                 \
-        default: group_tile(6, 4, 0, TILE_ARGS); break;                                                       \
+        CASE(1, 4, DIRECT) CASE(2, 4, DIRECT) CASE(3, 4, DIRECT) CASE(4, 4, DIRECT) CASE(5, 4, DIRECT)        \
+        default: group_tile(6, 4, DIRECT, TILE_ARGS); break;                                                  \
     }
 
 /* x [M][K] bf16, packed [N / 32][K / 2][32] bytes, scale_zero [N / 32][K / group][2][32] bf16,
@@ -129,9 +131,9 @@ void janus_int4_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k_in, con
             const int64_t first = 2 * u, count = first + 1 < blocks ? 2 : 1;
             for (int64_t m0 = 0; m0 < m_rows; m0 += ROW_CHUNK) {
                 const int64_t chunk = m_rows - m0 < ROW_CHUNK ? m_rows - m0 : ROW_CHUNK;
-                /* few rows: one block at a time, unpacked in registers; else both blocks through the buffer */
-                const int direct = chunk <= ROW_TILE;
-                const int vecs = direct ? 2 : 2 * (int)count;
+                /* few rows (one register tile): unpacked in registers as used; else through the buffer */
+                const int direct = chunk <= (count == 2 ? ROW_TILE_PAIR : ROW_TILE);
+                const int vecs = 2 * (int)count;
                 for (int64_t i = 0; i < chunk * 64; i++)
                     sums[i] = 0.f;
                 for (int64_t g = 0; g < groups; g++) {
@@ -146,21 +148,23 @@ void janus_int4_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k_in, con
                             for (int64_t c = 0; c < count; c++)
                                 unpack_pair(bytes[c] + p * 32, table, &unpacked[vecs * p + 2 * c],
                                             &unpacked[vecs * p + 2 * c + 1]);
-                    for (int64_t c = 0; c < (direct ? count : 1); c++) {
-                        const int tile = vecs == 4 ? ROW_TILE_PAIR : ROW_TILE;
-                        for (int64_t r0 = 0; r0 < chunk; r0 += tile) {
-                            const int rows = chunk - r0 < tile ? (int)(chunk - r0) : tile;
-#define TILE_ARGS x_pairs + (m0 + r0) * row_pairs, row_pairs, g * pairs, pairs, unpacked, bytes[c], table, &sz[c], \
-                  x_sums + (m0 + r0) * groups, groups, g, sums + r0 * 64 + c * 32
+                    const int tile = vecs == 4 ? ROW_TILE_PAIR : ROW_TILE;
+                    for (int64_t r0 = 0; r0 < chunk; r0 += tile) {
+                        const int rows = chunk - r0 < tile ? (int)(chunk - r0) : tile;
+#define TILE_ARGS x_pairs + (m0 + r0) * row_pairs, row_pairs, g * pairs, pairs, unpacked, bytes, table, sz, \
+                  x_sums + (m0 + r0) * groups, groups, g, sums + r0 * 64
+                        if (vecs == 4) {
                             if (direct) {
-                                ONE_BLOCK_TILES(1)
-                            } else if (vecs == 4) {
-                                TWO_BLOCK_TILES
+                                TWO_BLOCK_TILES(1)
                             } else {
-                                ONE_BLOCK_TILES(0)
+                                TWO_BLOCK_TILES(0)
                             }
-#undef TILE_ARGS
+                        } else if (direct) {
+                            ONE_BLOCK_TILES(1)
+                        } else {
+                            ONE_BLOCK_TILES(0)
                         }
+#undef TILE_ARGS
                     }
                 }
                 for (int64_t r = 0; r < chunk; r++)
