@@ -16,8 +16,9 @@
   medians over steps where no other process used the CPU, and the paired speed-up (median over repeats of the
   speed-up within one repeat) of the early steps and of a whole image's mean step.
 
-Where int4 runs on the AVX512-BF16 kernel built here (:mod:`janus_core.quant.native_int4`), the kernels and speed
-sections also time ``int4-torch``: the same int4 weights on torch's own CPU kernel, as before that kernel existed.
+Where int8 / int4 run on the AVX512-BF16 kernels built here (:mod:`janus_core.quant.native_bf16`), the kernels and
+speed sections also time ``int8-stock`` / ``int4-stock``: the same weights on the stock kernels (oneDNN's int8
+GEMM, torch's int4 kernel), as before the built kernels existed.
 * quality: against the float32 model of the same random checkpoint: guided logits under teacher forcing
   (relative L2 error, top-1 agreement), greedy image tokens (576), and an understanding answer (greedy
   token agreement; text logits under teacher forcing with and without ``lm_head`` quantized). Random
@@ -52,7 +53,7 @@ from janus_core.llm import KVCache, linear
 from janus_core.model import JanusModel, load_model, param_bytes
 from janus_core.precision import local_cpu_class
 from janus_core.prompts import IMAGE_TOKENS
-from janus_core.quant import kernels, native_int4
+from janus_core.quant import kernels, native_bf16
 from janus_core.quant.formats import MODES
 from janus_core.quant.linear import quantize_modules, standard_modules
 from janus_core.sampling import cfg_mix
@@ -68,7 +69,7 @@ logger = logging.getLogger("bench.quant")
 
 SECTIONS = ("memory", "kernels", "speed", "quality")
 PRECISIONS = ("bf16", *MODES)
-TORCH_INT4 = "int4-torch"  # int4 on torch's CPU kernel, timed where the AVX512-BF16 one serves int4
+STOCK = "-stock"  # suffix of a mode on the stock kernels, timed where an AVX512-BF16 kernel serves the mode
 GB = 1e9
 FORCED_STEPS = 40
 QUESTION = "Describe this image in detail."
@@ -88,33 +89,34 @@ def computed_weight_bytes(name: str) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def torch_int4_kernel():
-    """int4 weights laid out for torch's CPU kernel while inside (the AVX512-BF16 kernel turned off); the kernel
-    decisions are made afresh on both sides, so models loaded before keep their own kernel."""
-    before = os.environ.get(native_int4.SWITCH)
-    os.environ[native_int4.SWITCH] = "0"
+def stock_kernels():
+    """Quantized weights laid out for the stock kernels while inside (the AVX512-BF16 kernels turned off); the
+    kernel decisions are made afresh on both sides, so models loaded before keep their own kernels."""
+    before = os.environ.get(native_bf16.SWITCH)
+    os.environ[native_bf16.SWITCH] = "0"
     kernels._CHOICES.clear()
-    native_int4._load.cache_clear()
+    native_bf16._load.cache_clear()
     try:
         yield
     finally:
         if before is None:
-            del os.environ[native_int4.SWITCH]
+            del os.environ[native_bf16.SWITCH]
         else:
-            os.environ[native_int4.SWITCH] = before
+            os.environ[native_bf16.SWITCH] = before
         kernels._CHOICES.clear()
-        native_int4._load.cache_clear()
+        native_bf16._load.cache_clear()
 
 
-def native_int4_serves() -> bool:
-    """Whether int4 in bf16 runs on the AVX512-BF16 kernel here (then ``int4-torch`` is timed beside it)."""
-    return kernels.kernel_for(torch.device("cpu"), "int4", torch.bfloat16).layout == kernels.NATIVE_INT4
+def stock_variants(modes: list[str] | tuple[str, ...]) -> list[str]:
+    """``<mode>-stock`` for each of ``modes`` that runs on an AVX512-BF16 kernel here (timed beside it)."""
+    return [m + STOCK for m in modes if m in MODES
+            and kernels.kernel_for(torch.device("cpu"), m, torch.bfloat16).layout in kernels.NATIVE_LAYOUTS]
 
 
 def _load(folder: Path, precision: str) -> JanusModel:
-    if precision == TORCH_INT4:
-        with torch_int4_kernel():
-            return _load(folder, "int4")
+    if precision.endswith(STOCK):
+        with stock_kernels():
+            return _load(folder, precision.removesuffix(STOCK))
     quantize = precision if precision in MODES else None
     dtype = torch.float32 if precision == "fp32" else None  # bf16 / int8 / int4: the rest in the auto precision
     return load_model(folder, device="cpu", dtype=dtype, quantize=quantize)
@@ -201,8 +203,7 @@ class SpeedRun:
 
 def bench_speed(args: argparse.Namespace, folder: Path) -> None:
     precisions = ["bf16", *(p for p in args.precisions if p != "bf16")]  # bf16: the baseline of every speed-up
-    if "int4" in precisions and TORCH_INT4 not in precisions and native_int4_serves():
-        precisions.append(TORCH_INT4)
+    precisions += [p for p in stock_variants(precisions) if p not in precisions]
     models = {p: _load(folder, p) for p in precisions}
     rows = []
     for parallel in args.parallel:
@@ -281,7 +282,7 @@ def bench_kernels(args: argparse.Namespace) -> None:
     from janus_core.quant import formats
 
     rows_out = []
-    quant_labels = [*MODES, *([TORCH_INT4] if native_int4_serves() else [])]
+    quant_labels = [*MODES, *stock_variants(MODES)]
     packing = cpu_packed.can_pack(torch.bfloat16)
     for name in ("pro-1b", "pro-7b"):
         layer = []
@@ -289,9 +290,9 @@ def bench_kernels(args: argparse.Namespace) -> None:
             w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).mul_(0.02).bfloat16()
             handles = {}
             for label in quant_labels:
-                mode = label.removesuffix("-torch")
+                mode = label.removesuffix(STOCK)
                 qweight, qscale = formats.quantize(w, mode)
-                with torch_int4_kernel() if label == TORCH_INT4 else contextlib.nullcontext():
+                with stock_kernels() if label.endswith(STOCK) else contextlib.nullcontext():
                     choice = kernels.kernel_for(torch.device("cpu"), mode, torch.bfloat16)
                 packed, scales = kernels.pack(qweight, qscale, mode, choice.layout, torch.bfloat16)
                 handles[label] = kernels.QuantizedWeight(packed, scales, mode, choice.layout, choice.kernel,
@@ -320,8 +321,8 @@ def bench_kernels(args: argparse.Namespace) -> None:
     print_table("One decoder layer's matmuls (joined q/k/v, o, gate/up, down), ms, fastest of 7 calls; bf16 "
                 "linear(): the form janus_core.precision picks for plain weights on this CPU class; bf16 packed: "
                 "oneDNN-packed weights (what the decoder layers use where the CPU can pack; nan: it cannot); int8 / "
-                f"int4: what janus_core.quant.kernels.matmul picks for the row count (int4-torch: torch's int4 "
-                f"kernel, where the AVX512-BF16 one serves int4); CPU: {local_cpu_class()}",
+                f"int4: what janus_core.quant.kernels.matmul picks for the row count (-stock: the stock kernel, "
+                f"where an AVX512-BF16 one serves the mode); CPU: {local_cpu_class()}",
                 ["model", "rows", "bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", "bf16 packed", *quant_labels,
                  *(f"{m} vs best bf16" for m in quant_labels), "best bf16 GFLOP/s",
                  *(f"{m} GFLOP/s" for m in quant_labels)],
@@ -491,8 +492,8 @@ def main() -> None:
     parser.add_argument("--no-late", dest="late", action="store_false",
                         help="speed: skip the late window (the last steps of an image, ~600 positions of KV cache)")
     parser.add_argument("--precisions", type=lambda s: [v for v in s.split(",") if v], default=list(PRECISIONS),
-                        help=f"speed: precisions beside bf16 ({', '.join((*MODES, TORCH_INT4))}; int4-torch is added "
-                        "where int4 runs on the AVX512-BF16 kernel)")
+                        help=f"speed: precisions beside bf16 ({', '.join(MODES)}, or <mode>{STOCK}; <mode>{STOCK} is "
+                        "added where the mode runs on an AVX512-BF16 kernel)")
     parser.add_argument("--memory-model", choices=("pro-1b", "pro-7b"), default="pro-7b")
     parser.add_argument("--memory-precisions", type=lambda s: [v for v in s.split(",") if v], default=list(PRECISIONS),
                         help="precisions loaded by the memory section (bf16 7B needs ~16 GB free RAM)")

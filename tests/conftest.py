@@ -21,13 +21,22 @@ def _deterministic_threads():
 def fresh_kernel_choices():
     """The quantized-matmul kernel decided afresh before and after the test (tests fake broken or missing
     kernels, or turn the AVX512-BF16 int4 one off)."""
-    from janus_core.quant import kernels, native_int4
+    from janus_core.quant import kernels, native_bf16
 
     kernels._CHOICES.clear()
-    native_int4._load.cache_clear()
+    native_bf16._load.cache_clear()
     yield
     kernels._CHOICES.clear()
-    native_int4._load.cache_clear()
+    native_bf16._load.cache_clear()
+
+
+@pytest.fixture
+def stock_kernels(monkeypatch):
+    """Quantized matmuls on the stock kernels (torch's int4 kernel, oneDNN's int8 GEMM): the AVX512-BF16 ones built
+    at first use (tests/test_native_bf16.py) turned off. Use with ``fresh_kernel_choices``."""
+    from janus_core.quant import native_bf16
+
+    monkeypatch.setenv(native_bf16.SWITCH, "0")
 
 
 @pytest.fixture(scope="module")

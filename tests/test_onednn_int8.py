@@ -13,7 +13,7 @@ import torch
 
 import janus_core
 from janus_core.errors import JanusError
-from janus_core.quant import formats, kernels, onednn_int8
+from janus_core.quant import formats, kernels, native_bf16, onednn_int8
 from janus_core.quant.kernels import ONEDNN_INT8, ONEDNN_KERNEL, PLAIN, kernel_for
 from janus_core.quant.linear import QuantLinear, quant_layers
 from tests.conftest import PRO_TINY, teacher_forced_cfg_logits
@@ -23,9 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _chosen() -> str | None:
-    kernels._CHOICES.clear()
-    kernel = kernel_for(CPU, "int8", torch.bfloat16).kernel
-    kernels._CHOICES.clear()
+    """The stock int8 kernel this CPU gets (the AVX512-BF16 one, tried first where it can be built, turned off)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(native_bf16.SWITCH, "0")
+        kernels._CHOICES.clear()
+        native_bf16._load.cache_clear()
+        kernel = kernel_for(CPU, "int8", torch.bfloat16).kernel
+        kernels._CHOICES.clear()
+        native_bf16._load.cache_clear()
     return kernel.name if kernel else None
 
 
@@ -35,11 +40,7 @@ needs_kernel = pytest.mark.skipif(not ONEDNN_USED, reason="oneDNN's int8 GEMM is
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_kernel_choices():
-    kernels._CHOICES.clear()
-    yield
-    kernels._CHOICES.clear()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_choices", "stock_kernels")
 
 
 def test_split_rows_reconstruct_within_a_64516th_of_their_peak():
@@ -98,7 +99,8 @@ def test_kernel_is_refused_when_onednn_is_limited_to_avx2():
             "from janus_core.quant import kernels\n"
             "print(kernels.kernel_for(torch.device('cpu'), 'int8', torch.bfloat16).reason)\n"
             "kernels.onednn_int8.unavailable_reason = lambda: None  # as if the CPU check were wrong\n"
-            "print(kernels._self_check(kernels.KERNELS[0], torch.device('cpu'), torch.bfloat16))")
+            "onednn = next(k for k in kernels.KERNELS if k.name == kernels.ONEDNN_KERNEL)\n"
+            "print(kernels._self_check(onednn, torch.device('cpu'), torch.bfloat16))")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr

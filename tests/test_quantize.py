@@ -13,7 +13,7 @@ import janus_core
 from janus_core import precision
 from janus_core.errors import CheckpointError, JanusError
 from janus_core.generate_ar import generate_image_tokens, score_image_tokens
-from janus_core.quant import formats, kernels, native_int4
+from janus_core.quant import formats, kernels, native_bf16
 from janus_core.quant.folder import QUANT_FILE, read_quantization, save_quantized
 from janus_core.quant.kernels import CPU_INT4, PLAIN, TILED_INT4, QuantizedWeight, kernel_for, matmul, pack
 from janus_core.quant.linear import EMBEDDINGS, QuantEmbedding, QuantLinear, quant_layers, quantize_modules
@@ -36,10 +36,6 @@ def random_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
 pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")
 
 
-@pytest.fixture
-def torch_int4(monkeypatch):
-    """int4 through torch's CPU kernel: the AVX512-BF16 one (tests/test_native_int4.py) turned off."""
-    monkeypatch.setenv(native_int4.SWITCH, "0")
 
 
 # --- formats ---------------------------------------------------------------------------------------------------
@@ -112,7 +108,7 @@ def test_kernel_and_dequantized_path_equal_the_reference(mode, rows):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_rows_decide_between_kernel_and_dequantize(mode, monkeypatch, torch_int4):
+def test_rows_decide_between_kernel_and_dequantize(mode, monkeypatch, stock_kernels):
     handle, _ = quantized(mode, 192, 256, torch.bfloat16)
     assert "cpu" in handle.kernel.device_types
     calls = []
@@ -136,7 +132,7 @@ def test_rows_decide_between_kernel_and_dequantize(mode, monkeypatch, torch_int4
     (precision.AMX, 64, torch.bfloat16, False),
 ])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_dequantized_chunks_follow_the_cpu_class(mode, cpu_class, rows, work, by_row, monkeypatch, torch_int4):
+def test_dequantized_chunks_follow_the_cpu_class(mode, cpu_class, rows, work, by_row, monkeypatch, stock_kernels):
     handle, reference = quantized(mode, 192, 256, torch.bfloat16)
     seen = []
     mm = torch.mm
@@ -155,7 +151,7 @@ def test_dequantized_chunks_follow_the_cpu_class(mode, cpu_class, rows, work, by
     assert float((got.float() - expect).abs().max() / expect.abs().max()) < 1e-2
 
 
-def test_dequantized_matmul_asks_for_the_local_class_only_when_not_told(monkeypatch):
+def test_dequantized_matmul_asks_for_the_local_class_only_when_not_told(monkeypatch, stock_kernels):
     handle, _ = quantized("int8", 192, 256, torch.bfloat16)
     asked = []
     monkeypatch.setattr(precision, "local_cpu_class", lambda: asked.append(1) or precision.EMULATED)
@@ -166,11 +162,11 @@ def test_dequantized_matmul_asks_for_the_local_class_only_when_not_told(monkeypa
     assert float((told.float() - matmul(x, handle).float()).abs().max()) < 5e-2 * float(told.float().abs().max())
 
 
-@pytest.mark.parametrize("mode, native", [("int8", True), ("int4", True), ("int4", False)],
-                         ids=["int8", "int4", "int4-torch-kernel"])
+@pytest.mark.parametrize("mode, native", [("int8", True), ("int4", True), ("int8", False), ("int4", False)],
+                         ids=["int8", "int4", "int8-stock-kernel", "int4-stock-kernel"])
 def test_kernel_equals_fallback(mode, native, monkeypatch):
     if not native:
-        monkeypatch.setenv(native_int4.SWITCH, "0")
+        monkeypatch.setenv(native_bf16.SWITCH, "0")
     handle, _ = quantized(mode, 192, 256, torch.bfloat16)
     kernel = handle.kernel
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
@@ -200,7 +196,7 @@ def test_cpu_int4_layout_is_recognised_and_checked():
     assert torch.equal(kernels._unpack_blocks(packed, blocks, slice(0, 2 * blocks[0]), 64).int(), values)
 
 
-def test_unrecognised_cpu_int4_layout_uses_the_kernel_for_many_rows(monkeypatch, torch_int4):
+def test_unrecognised_cpu_int4_layout_uses_the_kernel_for_many_rows(monkeypatch, stock_kernels):
     monkeypatch.setattr(kernels, "cpu_int4_blocks", lambda: None)
     handle, reference = quantized("int4", 192, 256, torch.bfloat16)
     assert handle.layout == CPU_INT4
@@ -209,7 +205,7 @@ def test_unrecognised_cpu_int4_layout_uses_the_kernel_for_many_rows(monkeypatch,
     assert float((matmul(x, handle).float() - expect).abs().max() / expect.abs().max()) < 1.5e-2
 
 
-def test_failing_self_check_falls_back_or_refuses(monkeypatch, caplog, torch_int4):
+def test_failing_self_check_falls_back_or_refuses(monkeypatch, caplog, stock_kernels):
     real = torch.ops.aten._weight_int4pack_mm_for_cpu
 
     def wrong(x, packed, group, scale_zeros):
@@ -224,7 +220,7 @@ def test_failing_self_check_falls_back_or_refuses(monkeypatch, caplog, torch_int
         kernel_for(CPU, "int4", torch.bfloat16, fallback=False)
 
 
-def test_device_without_kernel_and_no_fallback_is_refused(monkeypatch, torch_int4):
+def test_device_without_kernel_and_no_fallback_is_refused(monkeypatch, stock_kernels):
     """int4 on a device whose torch lacks the kernel: the fallback serves, unless it is not allowed."""
     monkeypatch.setattr(kernels, "_aten", lambda name: None if "int4" in name else getattr(torch.ops.aten, name))
     with pytest.raises(JanusError, match="No working int4 kernel on cpu.*not in this torch"):

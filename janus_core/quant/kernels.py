@@ -8,10 +8,11 @@ Kernels (``torch.ops.aten``, semantics checked on torch 2.13; the self-check re-
 * ``_weight_int4pack_mm_for_cpu(x, packed uint8 [N, K / 2], group, scale_zeros [K / g, N, 2])``: packed by
   ``_convert_weight_to_int4pack_for_cpu(int32 [N, K] values, ...)`` into a layout that depends on the CPU
   (blocks of 64 rows on AVX-512, 32 on AVX2), so it is made at load, never stored. ``w = (q - 8) s + z``.
-* :func:`.native_int4.matmul` (CPU, tried first for int4): a C kernel built at first use on Linux x86-64 CPUs of
-  the native-bf16 class, multiplying the 4-bit values with AVX512-BF16 dot products (layout ``avx512bf16-int4``,
-  made at load); faster than torch's int4 kernel and than bf16 up to ~200 rows, about bf16's speed beyond. Its
-  rows do not depend on how many rows are multiplied together, so it serves every row count.
+* :func:`.native_bf16.matmul` (CPU, tried first for int4 and int8): C kernels built at first use on Linux x86-64
+  CPUs of the native-bf16 class, multiplying the integer weights with AVX512-BF16 dot products (layouts
+  ``avx512bf16-int4`` / ``avx512bf16-int8``, made at load); faster than the stock kernels and than bf16 up to
+  ~200 rows, about bf16's speed beyond. Their rows do not depend on how many rows are multiplied together, so they
+  serve every row count.
 * ``_weight_int4pack_mm(x bf16, tiled int32, group, scale_zeros)`` (CUDA sm80+, MPS): tiled by
   ``_convert_weight_to_int4pack(uint8 [N, K / 2] with the even input in the high nibble, inner_k_tiles)``.
 * :func:`.onednn_int8.matmul` (CPU, tried first for int8): oneDNN's integer GEMM on a weight prepacked at load
@@ -43,7 +44,7 @@ import torch
 
 from .. import precision
 from ..errors import JanusError
-from . import formats, native_int4, onednn_int8
+from . import formats, native_bf16, onednn_int8
 from .formats import INT4_OFFSET, int4_values
 from .onednn_int8 import PackedInt8
 
@@ -57,8 +58,11 @@ ONEDNN_INT8 = "onednn-int8"
 # The kernel of janus_core.quant.onednn_int8 (not an aten op).
 ONEDNN_KERNEL = "onednn int8 GEMM (activations split in two terms)"
 NATIVE_INT4 = "avx512bf16-int4"
-# The kernel of janus_core.quant.native_int4 (built on this machine).
+NATIVE_INT8 = "avx512bf16-int8"
+NATIVE_LAYOUTS = (NATIVE_INT4, NATIVE_INT8)
+# The kernels of janus_core.quant.native_bf16 (built on this machine).
 NATIVE_INT4_KERNEL = "AVX512-BF16 int4 kernel (built here)"
+NATIVE_INT8_KERNEL = "AVX512-BF16 int8 kernel (built here)"
 
 # Weight elements dequantized per chunk of the dequantize-then-matmul path in bf16 / fp16 (8 MiB; float32 chunks,
 # on CPUs that emulate bf16, use precision.FP32_CHUNK_ELEMENTS: int8 at 32 rows on AVX2 kernels 9.4 ms per
@@ -97,16 +101,16 @@ class Kernel:
             return None
         if self.name == ONEDNN_KERNEL:
             return onednn_int8.matmul if onednn_int8.available() else None
-        if self.name == NATIVE_INT4_KERNEL:
-            return native_int4.matmul if native_int4.available() else None
+        if self.layout in NATIVE_LAYOUTS:
+            return native_bf16.matmul if native_bf16.available() else None
         return _aten(self.name)
 
     def missing(self) -> str:
         """Why :attr:`op` is None."""
         if self.name == ONEDNN_KERNEL:
             return onednn_int8.unavailable_reason() or "is not available"
-        if self.name == NATIVE_INT4_KERNEL:
-            return native_int4.unavailable_reason() or "is not available"
+        if self.layout in NATIVE_LAYOUTS:
+            return native_bf16.unavailable_reason() or "is not available"
         return "is not in this torch"
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -117,8 +121,8 @@ class Kernel:
         """Whether the kernel takes a matrix of this shape (int4 packing needs row counts in whole tiles)."""
         if self.layout == CPU_INT4:
             return out_features % 16 == 0
-        if self.layout == NATIVE_INT4:
-            return native_int4.fits(out_features, in_features, formats.group_size(self.mode, in_features))
+        if self.layout in NATIVE_LAYOUTS:
+            return native_bf16.fits(self.mode, out_features, in_features)
         if self.layout == TILED_INT4:
             return out_features % 8 == 0 and in_features % 32 == 0
         return True
@@ -128,8 +132,8 @@ class Kernel:
         """``x [M, K]`` times the weight in this kernel's layout -> ``[M, N]`` in ``x``'s dtype."""
         if self.layout == ONEDNN_INT8:  # called directly: availability was settled when the kernel was chosen
             return onednn_int8.matmul(x, qweight)  # the packed weight holds its scales
-        if self.layout == NATIVE_INT4:
-            return native_int4.matmul(x, qweight, qscale, group)
+        if self.layout in NATIVE_LAYOUTS:
+            return native_bf16.matmul(x, qweight, qscale, self.mode)
         if self.mode == "int8":
             return self.op(x, qweight, qscale)
         return self.op(x, qweight, group, qscale)
@@ -139,10 +143,11 @@ class Kernel:
 # they are 10-40x slower than dequantize-then-matmul on the machines measured, which is therefore chosen there
 # (the DEQUANTIZE entries); the oneDNN int8 GEMM takes float32 activations whatever the dtype. max_rows: measured
 # by bench/quant.py (oneDNN int8 vs dequantizing its layout, 11264 x 2048 on AVX-512: 26 vs 30 ms at 384 rows,
-# 48 vs 37 ms at 512). The AVX512-BF16 int4 kernel serves every row count: ~10 % slower than a bf16 matmul from 256
-# rows (11008 x 4096 on Zen 5: 160 vs 144 ms at 1200 rows), about what dequantizing would add, and its rows then
-# never depend on how many are multiplied together.
+# 48 vs 37 ms at 512). The AVX512-BF16 kernels serve every row count: int4 ~6-10 % slower than a bf16 matmul from
+# 256 rows (11008 x 4096 on Zen 5: 160 vs 144 ms at 1200 rows), about what dequantizing would add, and their rows
+# then never depend on how many are multiplied together.
 KERNELS = (
+    Kernel(NATIVE_INT8_KERNEL, "int8", NATIVE_INT8, ("cpu",), (torch.bfloat16,), ALL_ROWS),
     Kernel(ONEDNN_KERNEL, "int8", ONEDNN_INT8, ("cpu",), (torch.bfloat16, torch.float16, torch.float32), 384),
     Kernel("_weight_int8pack_mm", "int8", PLAIN, ("cpu",), (torch.bfloat16,), 8),
     Kernel(NATIVE_INT4_KERNEL, "int4", NATIVE_INT4, ("cpu",), (torch.bfloat16,), ALL_ROWS),
@@ -235,8 +240,8 @@ def pack(qweight: torch.Tensor, qscale: torch.Tensor, mode: str, layout: str, dt
         return qweight, qscale.to(dtype)
     if layout == ONEDNN_INT8:
         return onednn_int8.pack(qweight, qscale), qscale.to(dtype)
-    if layout == NATIVE_INT4:
-        return native_int4.pack(qweight, qscale.to(dtype))
+    if layout in NATIVE_LAYOUTS:
+        return native_bf16.pack(qweight, qscale.to(dtype), mode)
     scale_zeros = qscale.to(dtype).transpose(0, 1).contiguous()  # [K / g, N, 2]
     if layout == CPU_INT4:
         packed = _pack_cpu_int4(qweight)

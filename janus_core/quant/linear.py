@@ -28,8 +28,8 @@ from ..checkpoint import trim_heap
 from ..cpu_packed import stand_in
 from ..errors import CheckpointError
 from ..llm import PACKED_GROUPS
-from . import formats, native_int4, onednn_int8
-from .kernels import NATIVE_INT4, ONEDNN_INT8, PLAIN, Kernel, QuantizedWeight, WeightRows, kernel_for, matmul, pack
+from . import formats, native_bf16, onednn_int8
+from .kernels import NATIVE_LAYOUTS, ONEDNN_INT8, PLAIN, Kernel, QuantizedWeight, WeightRows, kernel_for, matmul, pack
 
 # The joined layer that replaces each PACKED_GROUPS group, by the group's parent module.
 JOINED_NAMES = {"self_attn": "qkv_proj", "mlp": "gate_up_proj"}
@@ -76,13 +76,13 @@ class QuantWeights(nn.Module):
 
     def unpack(self, device: torch.device | None = None) -> None:
         """Back to the canonical layout if the weight is in the oneDNN int8 one (then on ``device``, default the
-        CPU) or the AVX512-BF16 int4 one (where its tensors are): before the parameters move to another device,
-        or are read. A no-op otherwise."""
+        CPU) or an AVX512-BF16 one (where its tensors are): before the parameters move to another device, or are
+        read. A no-op otherwise."""
         if self.packed is not None:
             qweight = onednn_int8.unpack(self.packed)
             self.set_weight(qweight if device is None else qweight.to(device), self.qscale.data, PLAIN, None)
-        elif self.layout == NATIVE_INT4:
-            self.set_weight(*native_int4.unpack(self.qweight.data, self.qscale.data), PLAIN, None)
+        elif self.layout in NATIVE_LAYOUTS:
+            self.set_weight(*native_bf16.unpack(self.qweight.data, self.qscale.data, self.mode), PLAIN, None)
 
     def prepare(self, dtype: torch.dtype, *, fallback: bool = True) -> None:
         """Make the weights ready to compute in ``dtype`` on the device they are on (here: the scales' dtype)."""

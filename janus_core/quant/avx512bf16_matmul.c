@@ -1,17 +1,22 @@
-/* int4 weight x bf16 activation matmul for x86 CPUs with AVX512-BF16 (built and loaded by native_int4.py).
+/* Weight-only int4 / int8 x bf16 activation matmuls for x86 CPUs with AVX512-BF16 (built and loaded by
+ * native_bf16.py).
  *
- * y[m][n] = sum_k x[m][k] * ((q[n][k] - 8) * s[g][n] + z[g][n]),  g = k / group
- *         = sum_g s[g][n] * sum_{k in g} x[m][k] (q[n][k] - 8)  +  z[g][n] * sum_{k in g} x[m][k]
+ * int4: y[m][n] = sum_k x[m][k] * ((q[n][k] - 8) * s[g][n] + z[g][n]),  g = k / group
+ *               = sum_g s[g][n] * sum_{k in g} x[m][k] (q[n][k] - 8)  +  z[g][n] * sum_{k in g} x[m][k]
+ * int8: y[m][n] = sum_k x[m][k] * q[n][k] * s[n]  = sum_g s[n] * sum_{k in g} x[m][k] q[n][k]
+ *       (g: chunks of `group` inputs, only to keep the float32 sums short; z = 0)
  *
- * The inner sums multiply bf16 activations by the small integers q - 8 (exact in bf16) with vdpbf16ps:
- * exact products, float32 sums; the scale and zero are applied once per group in float32.
+ * The inner sums multiply bf16 activations by small integers (q - 8 in -8..7, or q in -127..127: exact in
+ * bf16) with vdpbf16ps: exact products, float32 sums; the scales (and zeros) are applied once per group.
  *
- * Weight layout (packed by native_int4.pack): blocks of 32 outputs, for each pair of inputs (k = 2p, 2p + 1)
- * 32 bytes; byte 2j + e holds q[32b + j][2p + e] in its low nibble and q[32b + 16 + j][2p + e] in its high one.
- * Widened to 16-bit lanes, the low nibbles index a 16-entry table of bf16 values (q - 8) giving the dot-product
- * operand of outputs 32b..32b+15 directly (lane 2j, 2j + 1 = inputs 2p, 2p + 1 of output j); the high nibbles,
- * shifted down, the one of outputs 32b+16..32b+31.
- * Scales: [N / 32][K / group][2][32] bf16 (scale then zero of the block's 32 outputs).
+ * Weight layouts (packed by native_bf16.pack): blocks of 32 outputs, for each pair of inputs (k = 2p, 2p + 1):
+ * - int4: 32 bytes; byte 2j + e holds q[32b + j][2p + e] in its low nibble and q[32b + 16 + j][2p + e] in its
+ *   high one. Widened to 16-bit lanes, the low nibbles index a 16-entry table of bf16 values (q - 8) giving the
+ *   dot-product operand of outputs 32b..32b+15 directly (lanes 2j, 2j + 1 = inputs 2p, 2p + 1 of output j); the
+ *   high nibbles, shifted down, the one of outputs 32b+16..32b+31. Scales: [N / 32][K / group][2][32] bf16
+ *   (scale then zero of the block's 32 outputs).
+ * - int8: 64 bytes; byte 2j + e holds q[32b + j][2p + e], byte 32 + 2j + e holds q[32b + 16 + j][2p + e];
+ *   converted to bf16 through float32. Scales: [N] bf16.
  *
  * Work: units of two blocks (64 outputs) shared among OpenMP threads (the runtime torch already loaded, so
  * torch.set_num_threads applies). Rows go in register tiles of ROW_TILE_PAIR rows x 64 outputs (24 accumulators:
@@ -41,11 +46,23 @@ static inline void unpack_pair(const uint8_t *bytes, __m512i table, __m512i *low
     *high = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
 }
 
+/* The two operands of one input pair's 64 int8 bytes (see unpack_pair). */
+static inline void unpack_pair8(const uint8_t *bytes, __m512i table, __m512i *low, __m512i *high)
+{
+    (void)table;
+    for (int h = 0; h < 2; h++) {
+        const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(bytes + 32 * h))));
+        const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(bytes + 32 * h + 16))));
+        *(h ? high : low) = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low lanes */
+    }
+}
+
 /* One group of `rows` rows x `vecs` * 16 outputs (one block: 2, two blocks: 4): the integer-weight sums, then
- * sums += scale * them + zero * x-sum. Operands come from `unpacked` (`vecs` per pair) or, when `direct`, straight
- * from the packed bytes of each block. */
+ * sums += scale * them + zero * x-sum (int8: scale * them). Operands come from `unpacked` (`vecs` per pair) or,
+ * when `direct`, straight from the packed bytes of each block. */
 static inline __attribute__((always_inline)) void group_tile(
-    const int rows, const int vecs, const int direct, const uint32_t *x_pairs, int64_t row_pairs, int64_t first_pair,
+    const int rows, const int vecs, const int direct, const int bits, const uint32_t *x_pairs, int64_t row_pairs,
+    int64_t first_pair,
     int64_t pairs, const __m512i *unpacked, const uint8_t *const *packed, __m512i table, const uint16_t *const *scale_zero,
     const float *x_sums, int64_t groups, int64_t g, float *sums)
 {
@@ -56,8 +73,12 @@ static inline __attribute__((always_inline)) void group_tile(
     for (int64_t p = 0; p < pairs; p++) {
         __m512i b[4];
         if (direct) {
-            for (int v = 0; v < vecs; v += 2)
-                unpack_pair(packed[v / 2] + p * 32, table, &b[v], &b[v + 1]);
+            for (int v = 0; v < vecs; v += 2) {
+                if (bits == 4)
+                    unpack_pair(packed[v / 2] + p * 32, table, &b[v], &b[v + 1]);
+                else
+                    unpack_pair8(packed[v / 2] + p * 64, table, &b[v], &b[v + 1]);
+            }
         } else {
             for (int v = 0; v < vecs; v++)
                 b[v] = unpacked[vecs * p + v];
@@ -71,44 +92,49 @@ static inline __attribute__((always_inline)) void group_tile(
     __m512 s[4], z[4];
     for (int v = 0; v < vecs; v++) {
         s[v] = bf16x16_to_ps(scale_zero[v / 2] + (v % 2) * 16);
-        z[v] = bf16x16_to_ps(scale_zero[v / 2] + 32 + (v % 2) * 16);
+        if (bits == 4)
+            z[v] = bf16x16_to_ps(scale_zero[v / 2] + 32 + (v % 2) * 16);
     }
     for (int r = 0; r < rows; r++) {
-        const __m512 x_sum = _mm512_set1_ps(x_sums[r * groups + g]);
+        const __m512 x_sum = _mm512_set1_ps(bits == 4 ? x_sums[r * groups + g] : 0.f);
         for (int v = 0; v < vecs; v++) {
             float *out = sums + r * 64 + v * 16;
-            _mm512_storeu_ps(out, _mm512_fmadd_ps(s[v], acc[r][v], _mm512_fmadd_ps(z[v], x_sum, _mm512_loadu_ps(out))));
+            __m512 o = _mm512_loadu_ps(out);
+            if (bits == 4)
+                o = _mm512_fmadd_ps(z[v], x_sum, o);
+            _mm512_storeu_ps(out, _mm512_fmadd_ps(s[v], acc[r][v], o));
         }
     }
 }
 
-#define CASE(n, VECS, DIRECT) case n: group_tile(n, VECS, DIRECT, TILE_ARGS); break;
+#define CASE(n, VECS, DIRECT) case n: group_tile(n, VECS, DIRECT, bits, TILE_ARGS); break;
 #define ONE_BLOCK_TILES(DIRECT)                                                                               \
     switch (rows) {                                                                                           \
         CASE(1, 2, DIRECT) CASE(2, 2, DIRECT) CASE(3, 2, DIRECT) CASE(4, 2, DIRECT) CASE(5, 2, DIRECT)        \
         CASE(6, 2, DIRECT) CASE(7, 2, DIRECT) CASE(8, 2, DIRECT) CASE(9, 2, DIRECT) CASE(10, 2, DIRECT)       \
-        CASE(11, 2, DIRECT) default: group_tile(12, 2, DIRECT, TILE_ARGS); break;                             \
+        CASE(11, 2, DIRECT) default: group_tile(12, 2, DIRECT, bits, TILE_ARGS); break;                       \
     }
 #define TWO_BLOCK_TILES(DIRECT)                                                                               \
     switch (rows) {                                                                                           \
         CASE(1, 4, DIRECT) CASE(2, 4, DIRECT) CASE(3, 4, DIRECT) CASE(4, 4, DIRECT) CASE(5, 4, DIRECT)        \
-        default: group_tile(6, 4, DIRECT, TILE_ARGS); break;                                                  \
+        default: group_tile(6, 4, DIRECT, bits, TILE_ARGS); break;                                            \
     }
 
-/* x [M][K] bf16, packed [N / 32][K / 2][32] bytes, scale_zero [N / 32][K / group][2][32] bf16,
- * x_sums [M][K / group] float32 scratch, y [M][N] bf16 (rounded to nearest even).
- * Requires N % 32 == 0, K % group == 0, group even and <= 2 * MAX_PAIRS (checked by the caller).
- * Every output is the same sequence of float32 operations whatever M, the tile or the thread: a row's result
- * does not depend on the other rows. */
-void janus_int4_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k_in, const uint8_t *packed,
-                            const uint16_t *scale_zero, int64_t n_out, int64_t group, float *x_sums, uint16_t *y)
+/* x [M][K] bf16, packed and scales as the file's header says, x_sums [M][K / group] float32 scratch (int4),
+ * y [M][N] bf16 (rounded to nearest even). Requires N % 32 == 0, K % group == 0, group even and
+ * <= 2 * MAX_PAIRS (checked by the caller). Every output is the same sequence of float32 operations whatever M,
+ * the tile or the thread: a row's result does not depend on the other rows. */
+static inline __attribute__((always_inline)) void matmul(
+    const int bits, const uint16_t *x, int64_t m_rows, int64_t k_in, const uint8_t *packed,
+    const uint16_t *scales, int64_t n_out, int64_t group, float *x_sums, uint16_t *y)
 {
     const int64_t row_pairs = k_in / 2, pairs = group / 2, groups = k_in / group, blocks = n_out / 32;
+    const int64_t pair_bytes = bits * 8; /* per pair of a block */
     const uint32_t *x_pairs = (const uint32_t *)x;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < m_rows * groups; i++) {
+        for (int64_t i = 0; i < (bits == 4 ? m_rows * groups : 0); i++) {
             const uint16_t *xi = x + i * group;
             float s = 0.f;
             for (int64_t k = 0; k < group; k++) {
@@ -140,14 +166,18 @@ void janus_int4_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k_in, con
                     const uint8_t *bytes[2];
                     const uint16_t *sz[2];
                     for (int64_t c = 0; c < count; c++) {
-                        bytes[c] = packed + ((first + c) * row_pairs + g * pairs) * 32;
-                        sz[c] = scale_zero + ((first + c) * groups + g) * 64;
+                        bytes[c] = packed + ((first + c) * row_pairs + g * pairs) * pair_bytes;
+                        sz[c] = bits == 4 ? scales + ((first + c) * groups + g) * 64 : scales + (first + c) * 32;
                     }
                     if (!direct)
                         for (int64_t p = 0; p < pairs; p++)
-                            for (int64_t c = 0; c < count; c++)
-                                unpack_pair(bytes[c] + p * 32, table, &unpacked[vecs * p + 2 * c],
-                                            &unpacked[vecs * p + 2 * c + 1]);
+                            for (int64_t c = 0; c < count; c++) {
+                                __m512i *out = &unpacked[vecs * p + 2 * c];
+                                if (bits == 4)
+                                    unpack_pair(bytes[c] + p * pair_bytes, table, out, out + 1);
+                                else
+                                    unpack_pair8(bytes[c] + p * pair_bytes, table, out, out + 1);
+                            }
                     const int tile = vecs == 4 ? ROW_TILE_PAIR : ROW_TILE;
                     for (int64_t r0 = 0; r0 < chunk; r0 += tile) {
                         const int rows = chunk - r0 < tile ? (int)(chunk - r0) : tile;
@@ -174,4 +204,16 @@ void janus_int4_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k_in, con
             }
         }
     }
+}
+
+void janus_int4_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k_in, const uint8_t *packed,
+                            const uint16_t *scales, int64_t n_out, int64_t group, float *x_sums, uint16_t *y)
+{
+    matmul(4, x, m_rows, k_in, packed, scales, n_out, group, x_sums, y);
+}
+
+void janus_int8_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k_in, const uint8_t *packed,
+                            const uint16_t *scales, int64_t n_out, int64_t group, float *x_sums, uint16_t *y)
+{
+    matmul(8, x, m_rows, k_in, packed, scales, n_out, group, x_sums, y);
 }

@@ -1,19 +1,20 @@
-"""int4 weights multiplied with AVX512-BF16 dot products: a small C kernel built on this machine at first use.
+"""int4 / int8 weights multiplied with AVX512-BF16 dot products: small C kernels built on this machine at first use.
 
 torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) converts the weights to float32 and multiplies in
 float32, so on CPUs whose bf16 matmuls use ``vdpbf16ps`` (AVX512-BF16 without AMX: AMD Zen 4 / Zen 5, Intel
-Cooper Lake) it is ~1.6x slower than a bf16 matmul at 32 rows (an AR decode step at batch 16). The kernel in
-``int4_avx512bf16.c`` keeps the weights as 4-bit values, turns them into bf16 integers with one table lookup per
-32 weights and multiplies them with ``vdpbf16ps`` (exact products, float32 sums); each group's scale and zero
-are applied once in float32 (the file's header states the arithmetic and the layout).
+Cooper Lake) it is ~2x slower than a bf16 matmul at 32 rows (an AR decode step at batch 16); oneDNN's int8 GEMM
+(:mod:`.onednn_int8`) needs two split terms per row. The kernels in ``avx512bf16_matmul.c`` keep the weights as
+4- or 8-bit integers, turn them into bf16 integers as they are used (int4: one table lookup per 32 weights; int8:
+through float32) and multiply them with ``vdpbf16ps`` (exact products, float32 sums); scales (and int4 zeros)
+are applied once per group in float32 (the file's header states the arithmetic and the layouts).
 
-It is built with the machine's C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) into a cache folder
+They are built with the machine's C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) into a cache folder
 (``$JANUS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/comfyui-janus/kernels``, else ``~/.cache/...``) on first use,
-about a second, and loaded with ctypes; it runs on the OpenMP runtime torch already loaded, so
-``torch.set_num_threads`` applies to it. Offered only on Linux x86-64 CPUs of the ``native-bf16`` class (see
+about a second, and loaded with ctypes; they run on the OpenMP runtime torch already loaded, so
+``torch.set_num_threads`` applies to them. Offered only on Linux x86-64 CPUs of the ``native-bf16`` class (see
 :mod:`janus_core.precision`; AMX CPUs keep torch's kernels, unmeasured here) whose torch runs its CPU kernels at
-the AVX-512 level, with an OpenMP torch; ``JANUS_NATIVE_KERNELS=0`` turns it off. Where it is not offered or
-its build fails, the reason is logged and torch's kernel serves (:mod:`janus_core.quant.kernels`).
+the AVX-512 level, with an OpenMP torch; ``JANUS_NATIVE_KERNELS=0`` turns them off. Where they are not offered
+or the build fails, the reason is logged and the stock kernels serve (:mod:`janus_core.quant.kernels`).
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ import torch
 
 from .. import precision
 from ..errors import JanusError
-from .formats import int4_values
+from .formats import check_mode, int4_group_size, int4_values
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int4_avx512bf16.c")
-SYMBOL = "janus_int4_bf16_matmul"
+SOURCE = Path(__file__).with_name("avx512bf16_matmul.c")
+SYMBOLS = {"int4": "janus_int4_bf16_matmul", "int8": "janus_int8_bf16_matmul"}
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 BUILD_TIMEOUT = 300  # seconds
-BLOCK = 32  # outputs per block of the layout
+BLOCK = 32  # outputs per block of the layouts
 MAX_GROUP = 256  # the C file's 2 * MAX_PAIRS
 SWITCH = "JANUS_NATIVE_KERNELS"
 # Rows packed per step (whole blocks): the unpacked 0..15 values of a 102400-row lm_head would take 420 MB.
@@ -123,17 +124,17 @@ def _library_path() -> Path:
     except (OSError, subprocess.TimeoutExpired):
         version = ""
     key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, FLAGS, version)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"int4_avx512bf16-{key}.so"
+    target = cache_dir() / f"avx512bf16_matmul-{key}.so"
     if not target.exists():
         start = time.perf_counter()
         _build(target)
-        logger.info("built the AVX512-BF16 int4 kernel in %.1f s: %s", time.perf_counter() - start, target)
+        logger.info("built the AVX512-BF16 int4 / int8 kernels in %.1f s: %s", time.perf_counter() - start, target)
     return target
 
 
 @functools.cache
-def _load() -> tuple[Callable[..., None] | None, str | None]:
-    """(the C function, None) or (None, why not); once per process."""
+def _load() -> tuple[dict[str, Callable[..., None]] | None, str | None]:
+    """({mode: C function}, None) or (None, why not); once per process."""
     problem = platform_problem(precision.local_cpu_caps())
     if problem:
         return None, problem
@@ -141,21 +142,24 @@ def _load() -> tuple[Callable[..., None] | None, str | None]:
     try:
         library = ctypes.CDLL(str(_library_path()))
     except (JanusError, OSError) as exc:
-        logger.warning("int4 on this CPU: the AVX512-BF16 kernel could not be built or loaded (%s); torch's int4 "
-                       "kernel serves instead, about 2x slower at batch 16. Install a C compiler (gcc) or set CC; "
-                       "%s=0 silences this.", exc, SWITCH)
+        logger.warning("int4 / int8 on this CPU: the AVX512-BF16 kernels could not be built or loaded (%s); the "
+                       "stock kernels serve instead (int4 about 2x slower at batch 16). Install a C compiler (gcc) or "
+                       "set CC; %s=0 silences this.", exc, SWITCH)
         return None, f"could not be built or loaded: {exc}"
     if len(_openmp_runtimes() | runtimes) > max(1, len(runtimes)):
         return None, "loaded a second OpenMP runtime next to torch's (the compiler's); not using it"
-    function = getattr(library, SYMBOL)
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, size, size, pointer, pointer, size, size, pointer, pointer]
-    function.restype = None
-    return function, None
+    functions = {}
+    for mode, symbol in SYMBOLS.items():
+        function = getattr(library, symbol)
+        function.argtypes = [pointer, size, size, pointer, pointer, size, size, pointer, pointer]
+        function.restype = None
+        functions[mode] = function
+    return functions, None
 
 
 def unavailable_reason() -> str | None:
-    """Why the kernel cannot serve here (builds it on the first call where it can), or None."""
+    """Why the kernels cannot serve here (builds them on the first call where they can), or None."""
     return _load()[1]
 
 
@@ -163,14 +167,22 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def fits(out_features: int, in_features: int, group: int) -> bool:
-    """Whether the layout takes a ``[out_features, in_features]`` weight in int4 groups of ``group``."""
-    return (out_features % BLOCK == 0 and in_features % group == 0 and group % 2 == 0 and group <= MAX_GROUP)
+def fits(mode: str, out_features: int, in_features: int) -> bool:
+    """Whether the ``mode`` layout takes an ``[out_features, in_features]`` weight."""
+    if out_features % BLOCK or in_features % 32:
+        return False
+    return check_mode(mode) == "int8" or int4_group_size(in_features) <= MAX_GROUP
 
 
-def pack(qweight: torch.Tensor, qscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Canonical int4 ``qweight [N, K / 2]`` / ``qscale [N, K / g, 2]`` -> the kernel's ``[N / 32, K / 2, 32]``
-    bytes and ``[N / 32, K / g, 2, 32]`` scales (the C file's layout; same sizes as the canonical tensors)."""
+def pack(qweight: torch.Tensor, qscale: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical ``qweight`` / ``qscale`` -> the kernels' layout (the C file's; same sizes as the canonical tensors):
+    int4 ``[N, K / 2]`` / ``[N, K / g, 2]`` -> ``[N / 32, K / 2, 32]`` bytes and ``[N / 32, K / g, 2, 32]`` scales;
+    int8 ``[N, K]`` / ``[N]`` -> ``[N / 32, K / 2, 64]`` int8 and the scales as they are."""
+    if check_mode(mode) == "int8":
+        n, k = qweight.shape
+        # [blocks, 2 halves, 16 outputs, pairs, 2 inputs] -> [blocks, pairs, (half, output, input)]
+        packed = qweight.view(n // BLOCK, 2, BLOCK // 2, k // 2, 2).permute(0, 3, 1, 2, 4)
+        return packed.reshape(n // BLOCK, k // 2, 2 * BLOCK), qscale.contiguous()
     n, half = qweight.shape
     blocks, groups = n // BLOCK, qscale.shape[1]
     packed = torch.empty(blocks, half, BLOCK, dtype=torch.uint8, device=qweight.device)
@@ -185,9 +197,12 @@ def pack(qweight: torch.Tensor, qscale: torch.Tensor) -> tuple[torch.Tensor, tor
     return packed, scales
 
 
-def unpack(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack(packed: torch.Tensor, scales: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The canonical ``(qweight, qscale)`` of :func:`pack` ed tensors (new tensors, on their device)."""
     blocks, half, _ = packed.shape
+    if check_mode(mode) == "int8":
+        qweight = packed.view(blocks, half, 2, BLOCK // 2, 2).permute(0, 2, 3, 1, 4)
+        return qweight.reshape(blocks * BLOCK, half * 2).contiguous(), scales.clone()
     groups = scales.shape[1]
     halves = [(packed & 0xF), (packed >> 4)]  # [blocks, pairs, (output, input)]
     q = torch.stack([h.view(blocks, half, BLOCK // 2, 2).permute(0, 2, 1, 3) for h in halves], dim=1)
@@ -197,21 +212,27 @@ def unpack(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, to
     return qweight.contiguous(), qscale.contiguous()
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """``x [M, K]`` bf16 (CPU) times the :func:`pack` ed weight ``[N, K]`` transposed -> ``[M, N]`` bf16."""
-    function, problem = _load()
-    if function is None:
-        raise JanusError(f"internal: the AVX512-BF16 int4 kernel {problem}")
-    blocks, half, _ = packed.shape
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mode: str) -> torch.Tensor:
+    """``x [M, K]`` bf16 (CPU) times the :func:`pack` ed ``mode`` weight ``[N, K]`` transposed -> ``[M, N]`` bf16."""
+    functions, problem = _load()
+    if functions is None:
+        raise JanusError(f"internal: the AVX512-BF16 kernels {problem}")
+    blocks, half, width = packed.shape
     rows, k = x.shape
-    if (x.dtype != torch.bfloat16 or k != 2 * half or scales.shape != (blocks, k // group, 2, BLOCK)
-            or scales.dtype != torch.bfloat16 or not fits(blocks * BLOCK, k, group) or x.device.type != "cpu"):
-        raise JanusError(f"internal: int4 kernel given x {list(x.shape)} {x.dtype} on {x.device}, weight "
-                         f"{list(packed.shape)}, scales {list(scales.shape)} {scales.dtype}, group {group}")
+    n = blocks * BLOCK
+    int8 = check_mode(mode) == "int8"
+    # int4: the scale groups; int8: inputs summed before the scale is applied (keeps float32 sums short)
+    group = int4_group_size(k) if k % 32 == 0 else 0
+    scale_shape = (n,) if int8 else (blocks, k // max(group, 1), 2, BLOCK)
+    if (x.dtype != torch.bfloat16 or k != 2 * half or width != (2 if int8 else 1) * BLOCK
+            or packed.dtype != (torch.int8 if int8 else torch.uint8) or scales.shape != scale_shape
+            or scales.dtype != torch.bfloat16 or not fits(mode, n, k) or x.device.type != "cpu"):
+        raise JanusError(f"internal: {mode} kernel given x {list(x.shape)} {x.dtype} on {x.device}, weight "
+                         f"{list(packed.shape)} {packed.dtype}, scales {list(scales.shape)} {scales.dtype}")
     x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()
-    y = torch.empty(rows, blocks * BLOCK, dtype=torch.bfloat16)
+    y = torch.empty(rows, n, dtype=torch.bfloat16)
     if rows:
         x_sums = torch.empty(rows, k // group, dtype=torch.float32)
-        function(x.data_ptr(), rows, k, packed.data_ptr(), scales.data_ptr(), blocks * BLOCK, group,
-                 x_sums.data_ptr(), y.data_ptr())
+        functions[mode](x.data_ptr(), rows, k, packed.data_ptr(), scales.data_ptr(), n, group, x_sums.data_ptr(),
+                        y.data_ptr())
     return y
