@@ -1,8 +1,9 @@
-"""The AVX512-BF16 int4 / int8 kernels built at first use (janus_core/quant/native_bf16.py): their layouts, their
-arithmetic against float32, rows independent of the row count, the build and its cache, when they are offered,
-and quantized models running on them."""
+"""The int4 / int8 kernels built at first use (janus_core/quant/native_bf16.py; AVX512-BF16 and AMX variants): their
+layouts, their arithmetic against float32, rows independent of the row count, the build and its cache, when they
+are offered, and quantized models running on them."""
 
 import dataclasses
+import functools
 import logging
 
 import pytest
@@ -20,16 +21,29 @@ from tests.conftest import PRO_TINY, teacher_forced_cfg_logits
 CPU = torch.device("cpu")
 LAYOUT = {"int4": NATIVE_INT4, "int8": NATIVE_INT8}
 MODES = pytest.mark.parametrize("mode", ["int4", "int8"])
+# Every kernel of the C file: (variant, mode).
+VARIANT_MODES = pytest.mark.parametrize("variant, mode", [
+    (native_bf16.AVX512, "int4"), (native_bf16.AMX, "int4"), (native_bf16.AMX, "int8")])
 
 pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")
 
 
 @pytest.fixture
-def kernel():
-    """The kernels' matmul, where this machine can build and run them (x86-64 Linux, AVX512-BF16, a C compiler)."""
-    reason = native_bf16.unavailable_reason()
+def kernel(variant, mode):
+    """The ``variant``'s matmul, where this machine can build and run it (x86-64 Linux, a C compiler, AVX512-BF16
+    for both variants, AMX for the AMX one: an AMX machine tests both)."""
+    if variant not in native_bf16.runnable_variants():
+        why = native_bf16.unavailable_reason(mode) or "no AMX"
+        pytest.skip(f"this machine cannot run the {variant} kernels ({why})")
+    return functools.partial(native_bf16.matmul, variant=variant)
+
+
+@pytest.fixture
+def chosen(mode):
+    """The kernel this machine's CPU class uses for ``mode``, where there is one."""
+    reason = native_bf16.unavailable_reason(mode)
     if reason:
-        pytest.skip(f"the AVX512-BF16 kernels {reason}")
+        pytest.skip(f"the built kernels {reason}")
     return native_bf16.matmul
 
 
@@ -85,9 +99,9 @@ def test_fits_whole_blocks_of_32_outputs_and_inputs_in_32s():
 # --- arithmetic ---------------------------------------------------------------------------------------------------
 
 
-@MODES
+@VARIANT_MODES
 @pytest.mark.parametrize("n, k", [(32, 64), (192, 256), (96, 384), (64, 96)])
-@pytest.mark.parametrize("rows", [1, 2, 6, 7, 12, 13, 64, 65, 150])
+@pytest.mark.parametrize("rows", [1, 2, 6, 7, 12, 13, 16, 17, 32, 33, 64, 65, 150])
 def test_kernel_equals_float32_up_to_the_output_rounding(kernel, mode, n, k, rows):
     """Products of bf16 activations and small integers are exact, sums float32: the only visible error is rounding
     the result to bf16 (half a unit in the last place, 2^-9 relative)."""
@@ -100,7 +114,7 @@ def test_kernel_equals_float32_up_to_the_output_rounding(kernel, mode, n, k, row
     assert torch.all((got.double() - expect).abs() <= bound)
 
 
-@MODES
+@VARIANT_MODES
 @pytest.mark.parametrize("n", [192, 96], ids=["whole units", "odd last block"])
 def test_each_row_is_the_same_whatever_the_row_count(kernel, mode, n):
     """The batch property on these kernels: row i of a 37-row product equals the product of row i alone, bit for
@@ -114,7 +128,7 @@ def test_each_row_is_the_same_whatever_the_row_count(kernel, mode, n):
     assert torch.equal(kernel(x[:13], *packed, mode), full[:13])
 
 
-@MODES
+@VARIANT_MODES
 def test_threads_do_not_change_the_result(kernel, mode):
     qweight, qscale = canonical(mode, 4096, 128)
     packed = native_bf16.pack(qweight, qscale, mode)
@@ -130,7 +144,7 @@ def test_threads_do_not_change_the_result(kernel, mode):
     assert torch.equal(one, two)
 
 
-@MODES
+@VARIANT_MODES
 def test_tensors_the_c_code_cannot_take_are_refused(kernel, mode):
     qweight, qscale = canonical(mode, 64, 128)
     packed, scales = native_bf16.pack(qweight, qscale, mode)
@@ -151,13 +165,13 @@ NATIVE_CAPS = precision.CpuCaps(model="test", arch="x86_64", capability="AVX512"
 
 @pytest.mark.parametrize("change, env, problem", [
     ({}, {}, None),
-    ({"avx512_bf16": False}, {}, "the CPU lacks AVX512-BF16"),
-    ({"amx_bf16": True}, {}, "AMX"),
+    ({"amx_bf16": True}, {}, None),
+    ({"avx512_bf16": False}, {}, "needs a CPU with AVX512-BF16"),
     ({"capability": "AVX2"}, {}, "ATEN_CPU_CAPABILITY"),
     ({"arch": "aarch64"}, {}, "Linux on x86-64 only"),
     ({}, {native_bf16.SWITCH: "0"}, "turned off"),
 ])
-def test_offered_on_native_bf16_cpus_only(change, env, problem, monkeypatch):
+def test_offered_on_cpus_with_bf16_dot_products(change, env, problem, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(native_bf16.sys, "platform", "linux")
@@ -190,25 +204,65 @@ def test_built_once_then_taken_from_the_cache(build_anywhere, monkeypatch):
 def test_a_failed_build_is_named_and_the_stock_kernels_serve(build_anywhere, monkeypatch, caplog, compiler, message):
     monkeypatch.setenv("CC", compiler)
     caplog.set_level(logging.INFO)
-    reason = native_bf16.unavailable_reason()
+    reason = native_bf16.unavailable_reason("int4")
     assert reason.startswith("could not be built or loaded") and message in reason
     assert "Install a C compiler" in caplog.text  # a warning: the user loses speed, and can fix it
     assert not list(build_anywhere.glob("*"))  # nothing half-written left in the cache
     for mode in ("int4", "int8"):
         choice = kernel_for(CPU, mode, torch.bfloat16)
-        assert choice.layout != LAYOUT[mode] and f"AVX512-BF16 {mode} kernel" in choice.reason
+        assert choice.layout != LAYOUT[mode] and f"{mode} bf16-dot-product kernel" in choice.reason
         assert message in choice.reason
 
 
 def test_without_a_compiler_the_reason_says_so(build_anywhere, monkeypatch):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(native_bf16.shutil, "which", lambda name: None)
-    assert "no C compiler found (set CC" in native_bf16.unavailable_reason()
+    assert "no C compiler found (set CC" in native_bf16.unavailable_reason("int4")
+
+
+def test_each_cpu_class_runs_its_variant(monkeypatch):
+    """native-bf16 CPUs: int4 on the AVX512-BF16 variant, int8 stays with the stock kernels; AMX CPUs: both modes on
+    AMX tiles (a fake library stands for the build: the choice, not the C code, is under test)."""
+    def fake(*args):
+        raise AssertionError("not called")
+    for variant, served in [(native_bf16.AVX512, ("int4",)), (native_bf16.AMX, ("int4", "int8"))]:
+        functions = {v: {m: fake for m in native_bf16.SYMBOLS[v]} for v in {native_bf16.AVX512, variant}}
+        monkeypatch.setattr(native_bf16, "_load", lambda f=functions, v=variant: (native_bf16.Library(f, v), None))
+        for mode in ("int4", "int8"):
+            assert native_bf16.available(mode) == (mode in served)
+        if "int8" not in served:
+            reason = native_bf16.unavailable_reason("int8")
+            assert reason == "has no int8 kernel for this CPU class (avx512bf16 variant)"
+            choice = kernel_for(CPU, "int8", torch.bfloat16)
+            assert choice.layout != NATIVE_INT8 and "has no int8 kernel for this CPU class" in choice.reason
+            kernels._CHOICES.clear()
+
+
+def test_this_machine_uses_its_class_variant():
+    library, problem = native_bf16._load()
+    if library is None:
+        pytest.skip(f"the built kernels {problem}")
+    amx = precision.bf16_class(precision.local_cpu_caps()) == precision.AMX
+    assert library.variant == (native_bf16.AMX if amx else native_bf16.AVX512)
+    expect = {native_bf16.AVX512, native_bf16.AMX} if amx else {native_bf16.AVX512}
+    assert set(native_bf16.runnable_variants()) == expect
+
+
+def test_amx_state_refused_is_named(build_anywhere, monkeypatch, caplog):
+    """An AMX CPU whose Linux does not grant AMX state (or a compiler without AMX) keeps the stock kernels and
+    says why, rather than faulting on the first tile instruction."""
+    if native_bf16._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(native_bf16.precision, "bf16_class", lambda caps: precision.AMX)
+    monkeypatch.setattr(native_bf16, "_amx_problem", lambda library: "Linux did not grant this process AMX state")
+    caplog.set_level(logging.WARNING)
+    assert native_bf16.unavailable_reason("int4") == "cannot use AMX: Linux did not grant this process AMX state"
+    assert "the stock kernels serve instead" in caplog.text
 
 
 @MODES
-def test_a_wrong_kernel_fails_its_self_check(kernel, mode, monkeypatch):
-    monkeypatch.setattr(native_bf16, "matmul", lambda x, packed, scales, mode: kernel(x, packed, scales, mode) * 2)
+def test_a_wrong_kernel_fails_its_self_check(chosen, mode, monkeypatch):
+    monkeypatch.setattr(native_bf16, "matmul", lambda x, packed, scales, mode: chosen(x, packed, scales, mode) * 2)
     choice = kernel_for(CPU, mode, torch.bfloat16)
     assert choice.layout != LAYOUT[mode] and "(built here) failed its self-check" in choice.reason
 
@@ -217,7 +271,7 @@ def test_a_wrong_kernel_fails_its_self_check(kernel, mode, monkeypatch):
 
 
 @MODES
-def test_model_runs_on_them_and_agrees_with_the_stock_kernel(kernel, mode, monkeypatch):
+def test_model_runs_on_them_and_agrees_with_the_stock_kernel(chosen, mode, monkeypatch):
     model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize=mode)
     layouts = {m.layout for m in quant_layers(model.net).values()}
     assert LAYOUT[mode] in layouts
@@ -237,7 +291,7 @@ def test_model_runs_on_them_and_agrees_with_the_stock_kernel(kernel, mode, monke
 
 
 @MODES
-def test_unpack_gives_the_canonical_weights_back(kernel, mode):
+def test_unpack_gives_the_canonical_weights_back(chosen, mode):
     model = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize=mode)
     layer = model.net.language_model.model.layers[0].mlp.gate_up_proj
     assert layer.layout == LAYOUT[mode]

@@ -9,7 +9,7 @@ Kernels (``torch.ops.aten``, semantics checked on torch 2.13; the self-check re-
   ``_convert_weight_to_int4pack_for_cpu(int32 [N, K] values, ...)`` into a layout that depends on the CPU
   (blocks of 64 rows on AVX-512, 32 on AVX2), so it is made at load, never stored. ``w = (q - 8) s + z``.
 * :func:`.native_bf16.matmul` (CPU, tried first for int4 and int8): C kernels built at first use on Linux x86-64
-  CPUs of the native-bf16 class, multiplying the integer weights with AVX512-BF16 dot products (layouts
+  CPUs with bf16 dot products (AVX512-BF16, or AMX tiles on AMX CPUs), multiplying the integer weights (layouts
   ``avx512bf16-int4`` / ``avx512bf16-int8``, made at load); faster than the stock kernels and than bf16 up to
   ~200 rows, about bf16's speed beyond. Their rows do not depend on how many rows are multiplied together, so they
   serve every row count.
@@ -57,12 +57,12 @@ TILED_INT4 = "tiled-int4"
 ONEDNN_INT8 = "onednn-int8"
 # The kernel of janus_core.quant.onednn_int8 (not an aten op).
 ONEDNN_KERNEL = "onednn int8 GEMM (activations split in two terms)"
-NATIVE_INT4 = "avx512bf16-int4"
-NATIVE_INT8 = "avx512bf16-int8"
+NATIVE_INT4 = "bf16-dot-int4"
+NATIVE_INT8 = "bf16-dot-int8"
 NATIVE_LAYOUTS = (NATIVE_INT4, NATIVE_INT8)
 # The kernels of janus_core.quant.native_bf16 (built on this machine).
-NATIVE_INT4_KERNEL = "AVX512-BF16 int4 kernel (built here)"
-NATIVE_INT8_KERNEL = "AVX512-BF16 int8 kernel (built here)"
+NATIVE_INT4_KERNEL = "int4 bf16-dot-product kernel (built here)"
+NATIVE_INT8_KERNEL = "int8 bf16-dot-product kernel (built here)"
 
 # Weight elements dequantized per chunk of the dequantize-then-matmul path in bf16 / fp16 (8 MiB; float32 chunks,
 # on CPUs that emulate bf16, use precision.FP32_CHUNK_ELEMENTS: int8 at 32 rows on AVX2 kernels 9.4 ms per
@@ -102,7 +102,7 @@ class Kernel:
         if self.name == ONEDNN_KERNEL:
             return onednn_int8.matmul if onednn_int8.available() else None
         if self.layout in NATIVE_LAYOUTS:
-            return native_bf16.matmul if native_bf16.available() else None
+            return native_bf16.matmul if native_bf16.available(self.mode) else None
         return _aten(self.name)
 
     def missing(self) -> str:
@@ -110,7 +110,7 @@ class Kernel:
         if self.name == ONEDNN_KERNEL:
             return onednn_int8.unavailable_reason() or "is not available"
         if self.layout in NATIVE_LAYOUTS:
-            return native_bf16.unavailable_reason() or "is not available"
+            return native_bf16.unavailable_reason(self.mode) or "is not available"
         return "is not in this torch"
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -276,7 +276,10 @@ class QuantizedWeight:
         return WeightRows(self, start, stop)
 
     def readable(self) -> bool:
-        """Whether the dequantize-then-matmul path can read this layout back (not the tiled int4 one)."""
+        """Whether the dequantize-then-matmul path can read this layout back (not the tiled int4 or the built
+        kernels' ones)."""
+        if self.layout in NATIVE_LAYOUTS:
+            return False
         if self.mode == "int8" or self.layout == PLAIN:
             return True
         blocks = cpu_int4_blocks() if self.layout == CPU_INT4 else None

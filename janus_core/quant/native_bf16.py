@@ -1,20 +1,26 @@
-"""int4 / int8 weights multiplied with AVX512-BF16 dot products: small C kernels built on this machine at first use.
+"""int4 / int8 weights multiplied with bf16 dot-product instructions: small C kernels built on this machine at
+first use, in two variants of the same arithmetic.
 
 torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) converts the weights to float32 and multiplies in
-float32, so on CPUs whose bf16 matmuls use ``vdpbf16ps`` (AVX512-BF16 without AMX: AMD Zen 4 / Zen 5, Intel
-Cooper Lake) it is ~2x slower than a bf16 matmul at 32 rows (an AR decode step at batch 16); oneDNN's int8 GEMM
-(:mod:`.onednn_int8`) needs two split terms per row. The kernels in ``avx512bf16_matmul.c`` keep the weights as
-4- or 8-bit integers, turn them into bf16 integers as they are used (int4: one table lookup per 32 weights; int8:
-through float32) and multiply them with ``vdpbf16ps`` (exact products, float32 sums); scales (and int4 zeros)
-are applied once per group in float32 (the file's header states the arithmetic and the layouts).
+float32, so on CPUs with bf16 dot products it runs at half their rate or less (~2x slower than a bf16 matmul at 32
+rows, an AR decode step at batch 16); oneDNN's int8 GEMM (:mod:`.onednn_int8`) needs two split terms per row. The
+kernels in ``int_bf16_matmul.c`` keep the weights as 4- or 8-bit integers, turn them into bf16 integers as they
+are used (int4: one table lookup per 32 weights; int8: through float32) and multiply them with bf16 dot products
+(exact products, float32 sums); scales (and int4 zeros) are applied once per group in float32 (the file's header
+states the arithmetic and the layouts). Variants, by CPU class (:func:`janus_core.precision.bf16_class`):
 
-They are built with the machine's C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) into a cache folder
-(``$JANUS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/comfyui-janus/kernels``, else ``~/.cache/...``) on first use,
-about a second, and loaded with ctypes; they run on the OpenMP runtime torch already loaded, so
-``torch.set_num_threads`` applies to them. Offered only on Linux x86-64 CPUs of the ``native-bf16`` class (see
-:mod:`janus_core.precision`; AMX CPUs keep torch's kernels, unmeasured here) whose torch runs its CPU kernels at
-the AVX-512 level, with an OpenMP torch; ``JANUS_NATIVE_KERNELS=0`` turns them off. Where they are not offered
-or the build fails, the reason is logged and the stock kernels serve (:mod:`janus_core.quant.kernels`).
+* ``avx512bf16`` on ``native-bf16`` CPUs (AVX512-BF16 without AMX: AMD Zen 4 / Zen 5, Intel Cooper Lake):
+  int4 in ``vdpbf16ps`` register tiles (int8 stays on oneDNN's GEMM there, measured as fast as bf16 at batch 16).
+* ``amx`` on ``amx-bf16`` CPUs (Intel Sapphire Rapids and later): int4 and int8 in AMX tiles (``tdpbf16ps``),
+  after Linux grants the process AMX state (the first call asks, as oneDNN does).
+
+Both read the same layouts, so a weight packed on one machine's class is read by the other's. They are built with
+the machine's C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) into a cache folder (``$JANUS_KERNEL_CACHE``,
+else ``$XDG_CACHE_HOME/comfyui-janus/kernels``, else ``~/.cache/...``) on first use, about a second, and loaded
+with ctypes; they run on the OpenMP runtime torch already loaded, so ``torch.set_num_threads`` applies to them.
+Offered only on Linux x86-64 with a torch that runs its CPU kernels at the AVX-512 level, with OpenMP;
+``JANUS_NATIVE_KERNELS=0`` turns them off. Where they are not offered or the build fails, the reason is logged and
+the stock kernels serve (:mod:`janus_core.quant.kernels`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,8 +48,13 @@ from .formats import check_mode, int4_group_size, int4_values
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("avx512bf16_matmul.c")
-SYMBOLS = {"int4": "janus_int4_bf16_matmul", "int8": "janus_int8_bf16_matmul"}
+SOURCE = Path(__file__).with_name("int_bf16_matmul.c")
+AVX512 = "avx512bf16"
+AMX = "amx"
+# The C functions of each variant, per mode.
+SYMBOLS = {AVX512: {"int4": "janus_int4_bf16_matmul"},
+           AMX: {"int4": "janus_int4_amx_matmul", "int8": "janus_int8_amx_matmul"}}
+AMX_REQUEST = "janus_amx_request"
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 BUILD_TIMEOUT = 300  # seconds
 BLOCK = 32  # outputs per block of the layouts
@@ -81,10 +93,8 @@ def platform_problem(caps: precision.CpuCaps) -> str | None:
         return f"is turned off ({SWITCH}={os.environ[SWITCH]})"
     if not sys.platform.startswith("linux") or caps.arch.lower() not in ("x86_64", "amd64"):
         return "is built for Linux on x86-64 only"
-    cpu_class = precision.bf16_class(caps)
-    if cpu_class != precision.NATIVE:
-        why = "torch's kernels use AMX there" if cpu_class == precision.AMX else "the CPU lacks AVX512-BF16"
-        return f"serves native-bf16 CPUs only ({why})"
+    if precision.bf16_class(caps) not in (precision.NATIVE, precision.AMX):
+        return "needs a CPU with AVX512-BF16 (or AMX) instructions"
     if caps.capability != "AVX512":
         return f"needs torch's AVX-512 kernels (torch runs at {caps.capability}, see ATEN_CPU_CAPABILITY)"
     if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]:
@@ -124,47 +134,89 @@ def _library_path() -> Path:
     except (OSError, subprocess.TimeoutExpired):
         version = ""
     key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, FLAGS, version)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"avx512bf16_matmul-{key}.so"
+    target = cache_dir() / f"int_bf16_matmul-{key}.so"
     if not target.exists():
         start = time.perf_counter()
         _build(target)
-        logger.info("built the AVX512-BF16 int4 / int8 kernels in %.1f s: %s", time.perf_counter() - start, target)
+        logger.info("built the int4 / int8 bf16-dot-product kernels in %.1f s: %s", time.perf_counter() - start, target)
     return target
 
 
+@dataclass(frozen=True)
+class Library:
+    """The loaded kernels: ``functions[variant][mode]`` for the variants this CPU can run, and the ``variant`` its
+    class uses."""
+
+    functions: dict[str, dict[str, Callable[..., None]]]
+    variant: str
+
+
+def _functions(library: ctypes.CDLL, variant: str) -> dict[str, Callable[..., None]]:
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    functions = {}
+    for mode, symbol in SYMBOLS[variant].items():
+        function = getattr(library, symbol)
+        function.argtypes = [pointer, size, size, pointer, pointer, size, size, pointer, pointer]
+        function.restype = None
+        functions[mode] = function
+    return functions
+
+
+def _amx_problem(library: ctypes.CDLL) -> str | None:
+    """Why the AMX variant cannot run in this process (asking Linux for AMX state first), or None."""
+    if not hasattr(library, AMX_REQUEST):
+        return "the C compiler does not know AMX (gcc 11 / clang 12 or newer does)"
+    if library[AMX_REQUEST]() != 0:
+        return "Linux did not grant this process AMX state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel 5.16 or newer)"
+    return None
+
+
 @functools.cache
-def _load() -> tuple[dict[str, Callable[..., None]] | None, str | None]:
-    """({mode: C function}, None) or (None, why not); once per process."""
-    problem = platform_problem(precision.local_cpu_caps())
+def _load() -> tuple[Library | None, str | None]:
+    """(the kernels, None) or (None, why not); once per process."""
+    caps = precision.local_cpu_caps()
+    problem = platform_problem(caps)
     if problem:
         return None, problem
     runtimes = _openmp_runtimes()
     try:
         library = ctypes.CDLL(str(_library_path()))
     except (JanusError, OSError) as exc:
-        logger.warning("int4 / int8 on this CPU: the AVX512-BF16 kernels could not be built or loaded (%s); the "
-                       "stock kernels serve instead (int4 about 2x slower at batch 16). Install a C compiler (gcc) or "
+        logger.warning("int4 / int8 on this CPU: the bf16-dot-product kernels could not be built or loaded (%s); the "
+                       "stock kernels serve instead (about 2x slower at batch 16). Install a C compiler (gcc) or "
                        "set CC; %s=0 silences this.", exc, SWITCH)
         return None, f"could not be built or loaded: {exc}"
     if len(_openmp_runtimes() | runtimes) > max(1, len(runtimes)):
         return None, "loaded a second OpenMP runtime next to torch's (the compiler's); not using it"
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    functions = {}
-    for mode, symbol in SYMBOLS.items():
-        function = getattr(library, symbol)
-        function.argtypes = [pointer, size, size, pointer, pointer, size, size, pointer, pointer]
-        function.restype = None
-        functions[mode] = function
-    return functions, None
+    functions = {AVX512: _functions(library, AVX512)}
+    if precision.bf16_class(caps) != precision.AMX:
+        return Library(functions, AVX512), None
+    problem = _amx_problem(library)
+    if problem:
+        logger.warning("int4 / int8 on this AMX CPU: %s; the stock kernels serve instead (about 2x slower at batch "
+                       "16). %s=0 silences this.", problem, SWITCH)
+        return None, f"cannot use AMX: {problem}"
+    functions[AMX] = _functions(library, AMX)
+    logger.info("int4 / int8 kernels: AMX variant")
+    return Library(functions, AMX), None
 
 
-def unavailable_reason() -> str | None:
-    """Why the kernels cannot serve here (builds them on the first call where they can), or None."""
-    return _load()[1]
+def runnable_variants() -> tuple[str, ...]:
+    """The variants this machine can run (the one its class uses, and on AMX CPUs also the AVX512-BF16 one)."""
+    library = _load()[0]
+    return tuple(library.functions) if library else ()
 
 
-def available() -> bool:
-    return unavailable_reason() is None
+def unavailable_reason(mode: str) -> str | None:
+    """Why no kernel serves ``mode`` here (builds them on the first call where they can), or None."""
+    library, problem = _load()
+    if library is not None and mode not in library.functions[library.variant]:
+        return f"has no {mode} kernel for this CPU class ({library.variant} variant)"
+    return problem
+
+
+def available(mode: str) -> bool:
+    return unavailable_reason(mode) is None
 
 
 def fits(mode: str, out_features: int, in_features: int) -> bool:
@@ -212,11 +264,13 @@ def unpack(packed: torch.Tensor, scales: torch.Tensor, mode: str) -> tuple[torch
     return qweight.contiguous(), qscale.contiguous()
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mode: str) -> torch.Tensor:
-    """``x [M, K]`` bf16 (CPU) times the :func:`pack` ed ``mode`` weight ``[N, K]`` transposed -> ``[M, N]`` bf16."""
-    functions, problem = _load()
-    if functions is None:
-        raise JanusError(f"internal: the AVX512-BF16 kernels {problem}")
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mode: str, variant: str | None = None
+           ) -> torch.Tensor:
+    """``x [M, K]`` bf16 (CPU) times the :func:`pack` ed ``mode`` weight ``[N, K]`` transposed -> ``[M, N]`` bf16, by
+    the ``variant`` (one of :func:`runnable_variants`; default: the CPU class's)."""
+    library, problem = _load()
+    if library is None:
+        raise JanusError(f"internal: the int4 / int8 kernels {problem}")
     blocks, half, width = packed.shape
     rows, k = x.shape
     n = blocks * BLOCK
@@ -229,10 +283,11 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mode: st
             or scales.dtype != torch.bfloat16 or not fits(mode, n, k) or x.device.type != "cpu"):
         raise JanusError(f"internal: {mode} kernel given x {list(x.shape)} {x.dtype} on {x.device}, weight "
                          f"{list(packed.shape)} {packed.dtype}, scales {list(scales.shape)} {scales.dtype}")
+    function = library.functions[variant or library.variant][mode]
     x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()
     y = torch.empty(rows, n, dtype=torch.bfloat16)
     if rows:
         x_sums = torch.empty(rows, k // group, dtype=torch.float32)
-        functions[mode](x.data_ptr(), rows, k, packed.data_ptr(), scales.data_ptr(), n, group, x_sums.data_ptr(),
-                        y.data_ptr())
+        function(x.data_ptr(), rows, k, packed.data_ptr(), scales.data_ptr(), n, group, x_sums.data_ptr(),
+                 y.data_ptr())
     return y
