@@ -16,7 +16,7 @@
   medians over steps where no other process used the CPU, and the paired speed-up (median over repeats of the
   speed-up within one repeat) of the early steps and of a whole image's mean step.
 
-Where int8 / int4 run on the AVX512-BF16 kernels built here (:mod:`janus_core.quant.native_bf16`), the kernels and
+Where int8 / int4 run on the kernels built here (:mod:`janus_core.quant.native_bf16`), the kernels and
 speed sections also time ``int8-stock`` / ``int4-stock``: the same weights on the stock kernels (oneDNN's int8
 GEMM, torch's int4 kernel), as before the built kernels existed.
 * quality: against the float32 model of the same random checkpoint: guided logits under teacher forcing
@@ -69,7 +69,7 @@ logger = logging.getLogger("bench.quant")
 
 SECTIONS = ("memory", "kernels", "speed", "quality")
 PRECISIONS = ("bf16", *MODES)
-STOCK = "-stock"  # suffix of a mode on the stock kernels, timed where an AVX512-BF16 kernel serves the mode
+STOCK = "-stock"  # suffix of a mode on the stock kernels, timed where a built kernel serves the mode
 GB = 1e9
 FORCED_STEPS = 40
 QUESTION = "Describe this image in detail."
@@ -90,7 +90,7 @@ def computed_weight_bytes(name: str) -> dict[str, int]:
 
 @contextlib.contextmanager
 def stock_kernels():
-    """Quantized weights laid out for the stock kernels while inside (the AVX512-BF16 kernels turned off); the
+    """Quantized weights laid out for the stock kernels while inside (the built kernels turned off); the
     kernel decisions are made afresh on both sides, so models loaded before keep their own kernels."""
     before = os.environ.get(native_bf16.SWITCH)
     os.environ[native_bf16.SWITCH] = "0"
@@ -108,7 +108,7 @@ def stock_kernels():
 
 
 def stock_variants(modes: list[str] | tuple[str, ...]) -> list[str]:
-    """``<mode>-stock`` for each of ``modes`` that runs on an AVX512-BF16 kernel here (timed beside it)."""
+    """``<mode>-stock`` for each of ``modes`` that runs on a built kernel here (timed beside it)."""
     return [m + STOCK for m in modes if m in MODES
             and kernels.kernel_for(torch.device("cpu"), m, torch.bfloat16).layout in kernels.NATIVE_LAYOUTS]
 
@@ -322,7 +322,7 @@ def bench_kernels(args: argparse.Namespace) -> None:
                 "linear(): the form janus_core.precision picks for plain weights on this CPU class; bf16 packed: "
                 "oneDNN-packed weights (what the decoder layers use where the CPU can pack; nan: it cannot); int8 / "
                 f"int4: what janus_core.quant.kernels.matmul picks for the row count (-stock: the stock kernel, "
-                f"where an AVX512-BF16 one serves the mode); CPU: {local_cpu_class()}",
+                f"where a built one serves the mode); CPU: {local_cpu_class()}",
                 ["model", "rows", "bf16 x@W.T", "bf16 W@x.T", "bf16 linear()", "bf16 packed", *quant_labels,
                  *(f"{m} vs best bf16" for m in quant_labels), "best bf16 GFLOP/s",
                  *(f"{m} GFLOP/s" for m in quant_labels)],
@@ -493,7 +493,7 @@ def main() -> None:
                         help="speed: skip the late window (the last steps of an image, ~600 positions of KV cache)")
     parser.add_argument("--precisions", type=lambda s: [v for v in s.split(",") if v], default=list(PRECISIONS),
                         help=f"speed: precisions beside bf16 ({', '.join(MODES)}, or <mode>{STOCK}; <mode>{STOCK} is "
-                        "added where the mode runs on an AVX512-BF16 kernel)")
+                        "added where the mode runs on a built kernel)")
     parser.add_argument("--memory-model", choices=("pro-1b", "pro-7b"), default="pro-7b")
     parser.add_argument("--memory-precisions", type=lambda s: [v for v in s.split(",") if v], default=list(PRECISIONS),
                         help="precisions loaded by the memory section (bf16 7B needs ~16 GB free RAM)")

@@ -20,7 +20,7 @@ def _deterministic_threads():
 @pytest.fixture
 def fresh_kernel_choices():
     """The quantized-matmul kernel decided afresh before and after the test (tests fake broken or missing
-    kernels, or turn the AVX512-BF16 int4 one off)."""
+    kernels, or turn the built int4 / int8 ones off)."""
     from janus_core.quant import kernels, native_bf16
 
     kernels._CHOICES.clear()
@@ -32,7 +32,7 @@ def fresh_kernel_choices():
 
 @pytest.fixture
 def stock_kernels(monkeypatch):
-    """Quantized matmuls on the stock kernels (torch's int4 kernel, oneDNN's int8 GEMM): the AVX512-BF16 ones built
+    """Quantized matmuls on the stock kernels (torch's int4 kernel, oneDNN's int8 GEMM): the int4 / int8 ones built
     at first use (tests/test_native_bf16.py) turned off. Use with ``fresh_kernel_choices``."""
     from janus_core.quant import native_bf16
 

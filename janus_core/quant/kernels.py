@@ -10,9 +10,9 @@ Kernels (``torch.ops.aten``, semantics checked on torch 2.13; the self-check re-
   (blocks of 64 rows on AVX-512, 32 on AVX2), so it is made at load, never stored. ``w = (q - 8) s + z``.
 * :func:`.native_bf16.matmul` (CPU, tried first for int4 and int8): C kernels built at first use on Linux x86-64
   CPUs with bf16 dot products (AVX512-BF16, or AMX tiles on AMX CPUs), multiplying the integer weights (layouts
-  ``avx512bf16-int4`` / ``avx512bf16-int8``, made at load); faster than the stock kernels and than bf16 up to
-  ~200 rows, about bf16's speed beyond. Their rows do not depend on how many rows are multiplied together, so they
-  serve every row count.
+  ``bf16-dot-int4`` / ``bf16-dot-int8``, made at load; int8 only on AMX CPUs); faster than the stock kernels,
+  and than bf16 up to ~32-200 rows, about bf16's speed beyond. Their rows do not depend on how many rows are
+  multiplied together, so they serve every row count.
 * ``_weight_int4pack_mm(x bf16, tiled int32, group, scale_zeros)`` (CUDA sm80+, MPS): tiled by
   ``_convert_weight_to_int4pack(uint8 [N, K / 2] with the even input in the high nibble, inner_k_tiles)``.
 * :func:`.onednn_int8.matmul` (CPU, tried first for int8): oneDNN's integer GEMM on a weight prepacked at load
@@ -143,9 +143,9 @@ class Kernel:
 # they are 10-40x slower than dequantize-then-matmul on the machines measured, which is therefore chosen there
 # (the DEQUANTIZE entries); the oneDNN int8 GEMM takes float32 activations whatever the dtype. max_rows: measured
 # by bench/quant.py (oneDNN int8 vs dequantizing its layout, 11264 x 2048 on AVX-512: 26 vs 30 ms at 384 rows,
-# 48 vs 37 ms at 512). The AVX512-BF16 kernels serve every row count: int4 ~6-10 % slower than a bf16 matmul from
-# 256 rows (11008 x 4096 on Zen 5: 160 vs 144 ms at 1200 rows), about what dequantizing would add, and their rows
-# then never depend on how many are multiplied together.
+# 48 vs 37 ms at 512). The built kernels serve every row count: AVX512-BF16 int4 ~6-10 % slower than a bf16 matmul
+# from 256 rows (11008 x 4096 on Zen 5: 160 vs 144 ms at 1200 rows), AMX int4 / int8 0.8-1.3x bf16 at 512 rows,
+# about what dequantizing would add, and their rows then never depend on how many are multiplied together.
 KERNELS = (
     Kernel(NATIVE_INT8_KERNEL, "int8", NATIVE_INT8, ("cpu",), (torch.bfloat16,), ALL_ROWS),
     Kernel(ONEDNN_KERNEL, "int8", ONEDNN_INT8, ("cpu",), (torch.bfloat16, torch.float16, torch.float32), 384),

@@ -76,7 +76,7 @@ class QuantWeights(nn.Module):
 
     def unpack(self, device: torch.device | None = None) -> None:
         """Back to the canonical layout if the weight is in the oneDNN int8 one (then on ``device``, default the
-        CPU) or an AVX512-BF16 one (where its tensors are): before the parameters move to another device, or are
+        CPU) or a built kernel's (where its tensors are): before the parameters move to another device, or are
         read. A no-op otherwise."""
         if self.packed is not None:
             qweight = onednn_int8.unpack(self.packed)
