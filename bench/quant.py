@@ -53,7 +53,7 @@ from janus_core.llm import KVCache, linear
 from janus_core.model import JanusModel, load_model, param_bytes
 from janus_core.precision import local_cpu_class
 from janus_core.prompts import IMAGE_TOKENS
-from janus_core.quant import kernels, native_bf16
+from janus_core.quant import kernels
 from janus_core.quant.formats import MODES
 from janus_core.quant.linear import quantize_modules, standard_modules
 from janus_core.sampling import cfg_mix
@@ -88,25 +88,6 @@ def computed_weight_bytes(name: str) -> dict[str, int]:
     return sizes
 
 
-@contextlib.contextmanager
-def stock_kernels():
-    """Quantized weights laid out for the stock kernels while inside (the built kernels turned off); the
-    kernel decisions are made afresh on both sides, so models loaded before keep their own kernels."""
-    before = os.environ.get(native_bf16.SWITCH)
-    os.environ[native_bf16.SWITCH] = "0"
-    kernels._CHOICES.clear()
-    native_bf16._load.cache_clear()
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[native_bf16.SWITCH]
-        else:
-            os.environ[native_bf16.SWITCH] = before
-        kernels._CHOICES.clear()
-        native_bf16._load.cache_clear()
-
-
 def stock_variants(modes: list[str] | tuple[str, ...]) -> list[str]:
     """``<mode>-stock`` for each of ``modes`` that runs on a built kernel here (timed beside it)."""
     return [m + STOCK for m in modes if m in MODES
@@ -115,7 +96,7 @@ def stock_variants(modes: list[str] | tuple[str, ...]) -> list[str]:
 
 def _load(folder: Path, precision: str) -> JanusModel:
     if precision.endswith(STOCK):
-        with stock_kernels():
+        with kernels.stock_kernels():
             return _load(folder, precision.removesuffix(STOCK))
     quantize = precision if precision in MODES else None
     dtype = torch.float32 if precision == "fp32" else None  # bf16 / int8 / int4: the rest in the auto precision
@@ -292,7 +273,7 @@ def bench_kernels(args: argparse.Namespace) -> None:
             for label in quant_labels:
                 mode = label.removesuffix(STOCK)
                 qweight, qscale = formats.quantize(w, mode)
-                with stock_kernels() if label.endswith(STOCK) else contextlib.nullcontext():
+                with kernels.stock_kernels() if label.endswith(STOCK) else contextlib.nullcontext():
                     choice = kernels.kernel_for(torch.device("cpu"), mode, torch.bfloat16)
                 packed, scales = kernels.pack(qweight, qscale, mode, choice.layout, torch.bfloat16)
                 handles[label] = kernels.QuantizedWeight(packed, scales, mode, choice.layout, choice.kernel,

@@ -21,22 +21,21 @@ def _deterministic_threads():
 def fresh_kernel_choices():
     """The quantized-matmul kernel decided afresh before and after the test (tests fake broken or missing
     kernels, or turn the built int4 / int8 ones off)."""
-    from janus_core.quant import kernels, native_bf16
+    from janus_core.quant import kernels
 
-    kernels._CHOICES.clear()
-    native_bf16._load.cache_clear()
+    kernels.forget_choices()
     yield
-    kernels._CHOICES.clear()
-    native_bf16._load.cache_clear()
+    kernels.forget_choices()
 
 
 @pytest.fixture
-def stock_kernels(monkeypatch):
+def stock_kernels():
     """Quantized matmuls on the stock kernels (torch's int4 kernel, oneDNN's int8 GEMM): the int4 / int8 ones built
-    at first use (tests/test_native_bf16.py) turned off. Use with ``fresh_kernel_choices``."""
-    from janus_core.quant import native_bf16
+    at first use (tests/test_native_bf16.py) turned off."""
+    from janus_core.quant import kernels
 
-    monkeypatch.setenv(native_bf16.SWITCH, "0")
+    with kernels.stock_kernels():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -281,8 +281,7 @@ def test_model_runs_on_them_and_agrees_with_the_stock_kernel(chosen, mode, monke
         assert torch.equal(tokens[i:i + 1], generate_image_tokens(model, "a cat", seed=1 + i))
 
     monkeypatch.setenv(native_bf16.SWITCH, "0")
-    kernels._CHOICES.clear()
-    native_bf16._load.cache_clear()
+    kernels.forget_choices()
     other = janus_core.load_model(PRO_TINY, device="cpu", dtype=torch.bfloat16, quantize=mode)
     assert LAYOUT[mode] not in {m.layout for m in quant_layers(other.net).values()}
     other_logits = teacher_forced_cfg_logits(other)

@@ -13,7 +13,7 @@ import torch
 
 import janus_core
 from janus_core.errors import JanusError
-from janus_core.quant import formats, kernels, native_bf16, onednn_int8
+from janus_core.quant import formats, kernels, onednn_int8
 from janus_core.quant.kernels import ONEDNN_INT8, ONEDNN_KERNEL, PLAIN, kernel_for
 from janus_core.quant.linear import QuantLinear, quant_layers
 from tests.conftest import PRO_TINY, teacher_forced_cfg_logits
@@ -24,13 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _chosen() -> str | None:
     """The stock int8 kernel this CPU gets (the AVX512-BF16 one, tried first where it can be built, turned off)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(native_bf16.SWITCH, "0")
-        kernels._CHOICES.clear()
-        native_bf16._load.cache_clear()
+    with kernels.stock_kernels():
         kernel = kernel_for(CPU, "int8", torch.bfloat16).kernel
-        kernels._CHOICES.clear()
-        native_bf16._load.cache_clear()
     return kernel.name if kernel else None
 
 

@@ -36,8 +36,6 @@ def random_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
 pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")
 
 
-
-
 # --- formats ---------------------------------------------------------------------------------------------------
 
 

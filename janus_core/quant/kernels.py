@@ -35,8 +35,10 @@ left, the fallback serves, or :class:`JanusError` is raised when the caller does
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -73,9 +75,9 @@ PACK_CHUNK = 1 << 23
 # Self-check probe: a matrix every kernel accepts (rows a multiple of 64, two int4 groups of 128) and its rows.
 PROBE_SHAPE = (192, 256)
 PROBE_ROWS = 3
-# Largest relative deviation (max |kernel - reference| / max |reference|) the self-check accepts, per dtype.
 # max_rows of a kernel that serves every row count.
 ALL_ROWS = 1 << 30
+# Largest relative deviation (max |kernel - reference| / max |reference|) the self-check accepts, per dtype.
 CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
@@ -448,6 +450,31 @@ class Choice:
 
 
 _CHOICES: dict[tuple[str, int | None, str, torch.dtype], Choice] = {}
+
+
+def forget_choices() -> None:
+    """Drop this process's kernel decisions (and whether the built kernels load), so that the next
+    :func:`kernel_for` decides again: after changing what is available (``JANUS_NATIVE_KERNELS``, a fake kernel)."""
+    _CHOICES.clear()
+    native_bf16._load.cache_clear()
+
+
+@contextlib.contextmanager
+def stock_kernels() -> Iterator[None]:
+    """Inside, kernels are chosen with the built ones turned off (``JANUS_NATIVE_KERNELS=0``): weights quantized
+    inside get the stock kernels' layouts. Decisions are made afresh on entry and exit; models loaded before keep
+    their kernels."""
+    before = os.environ.get(native_bf16.SWITCH)
+    os.environ[native_bf16.SWITCH] = "0"
+    forget_choices()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[native_bf16.SWITCH]
+        else:
+            os.environ[native_bf16.SWITCH] = before
+        forget_choices()
 
 
 def kernel_for(device: torch.device, mode: str, dtype: torch.dtype, *, fallback: bool = True) -> Choice:

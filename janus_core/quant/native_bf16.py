@@ -216,6 +216,7 @@ def unavailable_reason(mode: str) -> str | None:
 
 
 def available(mode: str) -> bool:
+    """Whether a built kernel serves ``mode`` (``"int4"`` / ``"int8"``) on this machine."""
     return unavailable_reason(mode) is None
 
 
@@ -271,6 +272,9 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mode: st
     library, problem = _load()
     if library is None:
         raise JanusError(f"internal: the int4 / int8 kernels {problem}")
+    if x.dim() != 2 or packed.dim() != 3:
+        raise JanusError(f"internal: {mode} kernel given x {list(x.shape)} and weight {list(packed.shape)} (needs "
+                         "[M, K] and [N / 32, K / 2, width])")
     blocks, half, width = packed.shape
     rows, k = x.shape
     n = blocks * BLOCK
@@ -283,11 +287,14 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mode: st
             or scales.dtype != torch.bfloat16 or not fits(mode, n, k) or x.device.type != "cpu"):
         raise JanusError(f"internal: {mode} kernel given x {list(x.shape)} {x.dtype} on {x.device}, weight "
                          f"{list(packed.shape)} {packed.dtype}, scales {list(scales.shape)} {scales.dtype}")
-    function = library.functions[variant or library.variant][mode]
+    variant = variant or library.variant
+    if mode not in library.functions.get(variant, {}):
+        raise JanusError(f"internal: no {variant} {mode} kernel on this machine (it runs {runnable_variants()})")
+    function = library.functions[variant][mode]
     x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()
     y = torch.empty(rows, n, dtype=torch.bfloat16)
     if rows:
-        x_sums = torch.empty(rows, k // group, dtype=torch.float32)
+        x_sums = torch.empty(0 if int8 else rows * (k // group), dtype=torch.float32)  # int4's per-group x sums
         function(x.data_ptr(), rows, k, packed.data_ptr(), scales.data_ptr(), n, group, x_sums.data_ptr(),
                  y.data_ptr())
     return y
