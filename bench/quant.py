@@ -16,7 +16,7 @@
   medians over steps where no other process used the CPU, and the paired speed-up (median over repeats of the
   speed-up within one repeat) of the early steps and of a whole image's mean step.
 
-Where int8 / int4 run on the kernels built here (:mod:`janus_core.quant.native_bf16`), the kernels and
+Where int8 / int4 run on the kernels built here (:mod:`janus_core.quant.built_kernels`), the kernels and
 speed sections also time ``int8-stock`` / ``int4-stock``: the same weights on the stock kernels (oneDNN's int8
 GEMM, torch's int4 kernel), as before the built kernels existed.
 * quality: against the float32 model of the same random checkpoint: guided logits under teacher forcing
@@ -91,7 +91,7 @@ def computed_weight_bytes(name: str) -> dict[str, int]:
 def stock_variants(modes: list[str] | tuple[str, ...]) -> list[str]:
     """``<mode>-stock`` for each of ``modes`` that runs on a built kernel here (timed beside it)."""
     return [m + STOCK for m in modes if m in MODES
-            and kernels.kernel_for(torch.device("cpu"), m, torch.bfloat16).layout in kernels.NATIVE_LAYOUTS]
+            and kernels.kernel_for(torch.device("cpu"), m, torch.bfloat16).layout in kernels.BUILT_LAYOUTS]
 
 
 def _load(folder: Path, precision: str) -> JanusModel:

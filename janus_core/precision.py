@@ -106,7 +106,7 @@ class CpuCaps:
                 f"oneDNN bf16 {'yes' if self.onednn_bf16 else 'no'}{limit}; flags: {flags}")
 
 
-def _onednn_allows(limit: str, isa: str) -> bool:
+def onednn_allows(limit: str, isa: str) -> bool:
     """Whether an ``ONEDNN_MAX_CPU_ISA`` value ``limit`` lets oneDNN use ``isa`` (unknown values: yes)."""
     limit = limit.strip().upper()
     if not limit or limit in ("ALL", "DEFAULT") or limit not in _ONEDNN_ISAS:
@@ -119,10 +119,10 @@ def bf16_class(caps: CpuCaps) -> str:
     if caps.arch.lower() in ("aarch64", "arm64"):
         return NATIVE if caps.arm_bf16 and caps.onednn_bf16 else EMULATED
     native = (caps.onednn_bf16 and (caps.avx512_bf16 or caps.amx_bf16)
-              and _onednn_allows(caps.onednn_isa_limit, "AVX512_CORE_BF16"))
+              and onednn_allows(caps.onednn_isa_limit, "AVX512_CORE_BF16"))
     if not native:
         return EMULATED
-    if caps.amx_bf16 and _onednn_allows(caps.onednn_isa_limit, "AVX512_CORE_AMX"):
+    if caps.amx_bf16 and onednn_allows(caps.onednn_isa_limit, "AVX512_CORE_AMX"):
         return AMX
     return NATIVE
 
@@ -145,9 +145,9 @@ def int8_dot_product(caps: CpuCaps) -> bool:
     if caps.arch.lower() not in ("x86_64", "amd64"):
         return False
     limit = caps.onednn_isa_limit
-    return ((caps.avx512_vnni and _onednn_allows(limit, "AVX512_CORE_VNNI"))
-            or (caps.avx_vnni and _onednn_allows(limit, "AVX2_VNNI"))
-            or (caps.amx_int8 and _onednn_allows(limit, "AVX512_CORE_AMX")))
+    return ((caps.avx512_vnni and onednn_allows(limit, "AVX512_CORE_VNNI"))
+            or (caps.avx_vnni and onednn_allows(limit, "AVX2_VNNI"))
+            or (caps.amx_int8 and onednn_allows(limit, "AVX512_CORE_AMX")))
 
 
 def _cpuinfo() -> tuple[str, set[str]]:

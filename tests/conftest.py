@@ -31,7 +31,7 @@ def fresh_kernel_choices():
 @pytest.fixture
 def stock_kernels():
     """Quantized matmuls on the stock kernels (torch's int4 kernel, oneDNN's int8 GEMM): the int4 / int8 ones built
-    at first use (tests/test_native_bf16.py) turned off."""
+    at first use (tests/test_built_kernels.py) turned off."""
     from janus_core.quant import kernels
 
     with kernels.stock_kernels():

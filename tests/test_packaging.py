@@ -47,7 +47,7 @@ def test_pip_install_puts_janus_core_on_the_path(tmp_path, editable):
     elsewhere.mkdir()
     found = _run([python, "-c", "import importlib.util as u, janus_core; print(janus_core.__file__); "
                   "print([n for n in ('nodes', 'tests', 'bench') if u.find_spec(n)]); "
-                  "from janus_core.quant import native_bf16; print(native_bf16.SOURCE.is_file())"],
+                  "from janus_core.quant import built_kernels; print(built_kernels.SOURCE.is_file())"],
                  elsewhere).split("\n")
     expected_home = source if editable else tmp_path / "venv"
     assert Path(found[0]).is_relative_to(expected_home), found[0]

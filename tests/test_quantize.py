@@ -13,7 +13,7 @@ import janus_core
 from janus_core import precision
 from janus_core.errors import CheckpointError, JanusError
 from janus_core.generate_ar import generate_image_tokens, score_image_tokens
-from janus_core.quant import formats, kernels, native_bf16
+from janus_core.quant import built_kernels, formats, kernels
 from janus_core.quant.folder import QUANT_FILE, read_quantization, save_quantized
 from janus_core.quant.kernels import CPU_INT4, PLAIN, TILED_INT4, QuantizedWeight, kernel_for, matmul, pack
 from janus_core.quant.linear import EMBEDDINGS, QuantEmbedding, QuantLinear, quant_layers, quantize_modules
@@ -164,7 +164,7 @@ def test_dequantized_matmul_asks_for_the_local_class_only_when_not_told(monkeypa
                          ids=["int8", "int4", "int8-stock-kernel", "int4-stock-kernel"])
 def test_kernel_equals_fallback(mode, native, monkeypatch):
     if not native:
-        monkeypatch.setenv(native_bf16.SWITCH, "0")
+        monkeypatch.setenv(built_kernels.SWITCH, "0")
     handle, _ = quantized(mode, 192, 256, torch.bfloat16)
     kernel = handle.kernel
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)).bfloat16()

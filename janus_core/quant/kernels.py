@@ -8,11 +8,11 @@ Kernels (``torch.ops.aten``, semantics checked on torch 2.13; the self-check re-
 * ``_weight_int4pack_mm_for_cpu(x, packed uint8 [N, K / 2], group, scale_zeros [K / g, N, 2])``: packed by
   ``_convert_weight_to_int4pack_for_cpu(int32 [N, K] values, ...)`` into a layout that depends on the CPU
   (blocks of 64 rows on AVX-512, 32 on AVX2), so it is made at load, never stored. ``w = (q - 8) s + z``.
-* :func:`.native_bf16.matmul` (CPU, tried first for int4 and int8): C kernels built at first use on Linux x86-64
-  CPUs with bf16 dot products (AVX512-BF16, or AMX tiles on AMX CPUs), multiplying the integer weights (layouts
-  ``bf16-dot-int4`` / ``bf16-dot-int8``, made at load; int8 only on AMX CPUs); faster than the stock kernels,
-  and than bf16 up to ~32-200 rows, about bf16's speed beyond. Their rows do not depend on how many rows are
-  multiplied together, so they serve every row count.
+* :func:`.built_kernels.matmul` (CPU, tried first for int4 and int8): C kernels built at first use on Linux x86-64
+  CPUs, a variant per CPU class (AMX tiles, AVX512-BF16 dot products, AVX2 / AVX-VNNI 16-bit integer dot products),
+  multiplying the integer weights (layouts ``built-int4`` / ``built-int8``, made at load; int8 only on AMX CPUs);
+  faster than the stock kernels, and than bf16 up to ~32-200 rows, about bf16's speed beyond. Their rows do not
+  depend on how many rows are multiplied together, so they serve every row count.
 * ``_weight_int4pack_mm(x bf16, tiled int32, group, scale_zeros)`` (CUDA sm80+, MPS): tiled by
   ``_convert_weight_to_int4pack(uint8 [N, K / 2] with the even input in the high nibble, inner_k_tiles)``.
 * :func:`.onednn_int8.matmul` (CPU, tried first for int8): oneDNN's integer GEMM on a weight prepacked at load
@@ -46,7 +46,7 @@ import torch
 
 from .. import precision
 from ..errors import JanusError
-from . import formats, native_bf16, onednn_int8
+from . import built_kernels, formats, onednn_int8
 from .formats import INT4_OFFSET, int4_values
 from .onednn_int8 import PackedInt8
 
@@ -59,12 +59,12 @@ TILED_INT4 = "tiled-int4"
 ONEDNN_INT8 = "onednn-int8"
 # The kernel of janus_core.quant.onednn_int8 (not an aten op).
 ONEDNN_KERNEL = "onednn int8 GEMM (activations split in two terms)"
-NATIVE_INT4 = "bf16-dot-int4"
-NATIVE_INT8 = "bf16-dot-int8"
-NATIVE_LAYOUTS = (NATIVE_INT4, NATIVE_INT8)
-# The kernels of janus_core.quant.native_bf16 (built on this machine).
-NATIVE_INT4_KERNEL = "int4 bf16-dot-product kernel (built here)"
-NATIVE_INT8_KERNEL = "int8 bf16-dot-product kernel (built here)"
+BUILT_INT4 = "built-int4"
+BUILT_INT8 = "built-int8"
+BUILT_LAYOUTS = (BUILT_INT4, BUILT_INT8)
+# The kernels of janus_core.quant.built_kernels (built on this machine).
+BUILT_INT4_KERNEL = "int4 kernel built here"
+BUILT_INT8_KERNEL = "int8 kernel built here"
 
 # Weight elements dequantized per chunk of the dequantize-then-matmul path in bf16 / fp16 (8 MiB; float32 chunks,
 # on CPUs that emulate bf16, use precision.FP32_CHUNK_ELEMENTS: int8 at 32 rows on AVX2 kernels 9.4 ms per
@@ -103,16 +103,16 @@ class Kernel:
             return None
         if self.name == ONEDNN_KERNEL:
             return onednn_int8.matmul if onednn_int8.available() else None
-        if self.layout in NATIVE_LAYOUTS:
-            return native_bf16.matmul if native_bf16.available(self.mode) else None
+        if self.layout in BUILT_LAYOUTS:
+            return built_kernels.matmul if built_kernels.available(self.mode) else None
         return _aten(self.name)
 
     def missing(self) -> str:
         """Why :attr:`op` is None."""
         if self.name == ONEDNN_KERNEL:
             return onednn_int8.unavailable_reason() or "is not available"
-        if self.layout in NATIVE_LAYOUTS:
-            return native_bf16.unavailable_reason(self.mode) or "is not available"
+        if self.layout in BUILT_LAYOUTS:
+            return built_kernels.unavailable_reason(self.mode) or "is not available"
         return "is not in this torch"
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -123,8 +123,8 @@ class Kernel:
         """Whether the kernel takes a matrix of this shape (int4 packing needs row counts in whole tiles)."""
         if self.layout == CPU_INT4:
             return out_features % 16 == 0
-        if self.layout in NATIVE_LAYOUTS:
-            return native_bf16.fits(self.mode, out_features, in_features)
+        if self.layout in BUILT_LAYOUTS:
+            return built_kernels.fits(self.mode, out_features, in_features)
         if self.layout == TILED_INT4:
             return out_features % 8 == 0 and in_features % 32 == 0
         return True
@@ -134,8 +134,8 @@ class Kernel:
         """``x [M, K]`` times the weight in this kernel's layout -> ``[M, N]`` in ``x``'s dtype."""
         if self.layout == ONEDNN_INT8:  # called directly: availability was settled when the kernel was chosen
             return onednn_int8.matmul(x, qweight)  # the packed weight holds its scales
-        if self.layout in NATIVE_LAYOUTS:
-            return native_bf16.matmul(x, qweight, qscale, self.mode)
+        if self.layout in BUILT_LAYOUTS:
+            return built_kernels.matmul(x, qweight, qscale, self.mode)
         if self.mode == "int8":
             return self.op(x, qweight, qscale)
         return self.op(x, qweight, group, qscale)
@@ -149,10 +149,10 @@ class Kernel:
 # from 256 rows (11008 x 4096 on Zen 5: 160 vs 144 ms at 1200 rows), AMX int4 / int8 0.8-1.3x bf16 at 512 rows,
 # about what dequantizing would add, and their rows then never depend on how many are multiplied together.
 KERNELS = (
-    Kernel(NATIVE_INT8_KERNEL, "int8", NATIVE_INT8, ("cpu",), (torch.bfloat16,), ALL_ROWS),
+    Kernel(BUILT_INT8_KERNEL, "int8", BUILT_INT8, ("cpu",), (torch.bfloat16,), ALL_ROWS),
     Kernel(ONEDNN_KERNEL, "int8", ONEDNN_INT8, ("cpu",), (torch.bfloat16, torch.float16, torch.float32), 384),
     Kernel("_weight_int8pack_mm", "int8", PLAIN, ("cpu",), (torch.bfloat16,), 8),
-    Kernel(NATIVE_INT4_KERNEL, "int4", NATIVE_INT4, ("cpu",), (torch.bfloat16,), ALL_ROWS),
+    Kernel(BUILT_INT4_KERNEL, "int4", BUILT_INT4, ("cpu",), (torch.bfloat16,), ALL_ROWS),
     Kernel("_weight_int4pack_mm_for_cpu", "int4", CPU_INT4, ("cpu",), (torch.bfloat16,), 256),
     Kernel(DEQUANTIZE, "int8", PLAIN, ("cpu",), (torch.float16, torch.float32), 0),
     Kernel(DEQUANTIZE, "int4", PLAIN, ("cpu",), (torch.float16, torch.float32), 0),
@@ -242,8 +242,8 @@ def pack(qweight: torch.Tensor, qscale: torch.Tensor, mode: str, layout: str, dt
         return qweight, qscale.to(dtype)
     if layout == ONEDNN_INT8:
         return onednn_int8.pack(qweight, qscale), qscale.to(dtype)
-    if layout in NATIVE_LAYOUTS:
-        return native_bf16.pack(qweight, qscale.to(dtype), mode)
+    if layout in BUILT_LAYOUTS:
+        return built_kernels.pack(qweight, qscale.to(dtype), mode)
     scale_zeros = qscale.to(dtype).transpose(0, 1).contiguous()  # [K / g, N, 2]
     if layout == CPU_INT4:
         packed = _pack_cpu_int4(qweight)
@@ -280,7 +280,7 @@ class QuantizedWeight:
     def readable(self) -> bool:
         """Whether the dequantize-then-matmul path can read this layout back (not the tiled int4 or the built
         kernels' ones)."""
-        if self.layout in NATIVE_LAYOUTS:
+        if self.layout in BUILT_LAYOUTS:
             return False
         if self.mode == "int8" or self.layout == PLAIN:
             return True
@@ -456,7 +456,7 @@ def forget_choices() -> None:
     """Drop this process's kernel decisions (and whether the built kernels load), so that the next
     :func:`kernel_for` decides again: after changing what is available (``JANUS_NATIVE_KERNELS``, a fake kernel)."""
     _CHOICES.clear()
-    native_bf16._load.cache_clear()
+    built_kernels.forget()
 
 
 @contextlib.contextmanager
@@ -464,16 +464,16 @@ def stock_kernels() -> Iterator[None]:
     """Inside, kernels are chosen with the built ones turned off (``JANUS_NATIVE_KERNELS=0``): weights quantized
     inside get the stock kernels' layouts. Decisions are made afresh on entry and exit; models loaded before keep
     their kernels."""
-    before = os.environ.get(native_bf16.SWITCH)
-    os.environ[native_bf16.SWITCH] = "0"
+    before = os.environ.get(built_kernels.SWITCH)
+    os.environ[built_kernels.SWITCH] = "0"
     forget_choices()
     try:
         yield
     finally:
         if before is None:
-            del os.environ[native_bf16.SWITCH]
+            del os.environ[built_kernels.SWITCH]
         else:
-            os.environ[native_bf16.SWITCH] = before
+            os.environ[built_kernels.SWITCH] = before
         forget_choices()
 
 

@@ -28,8 +28,8 @@ from ..checkpoint import trim_heap
 from ..cpu_packed import stand_in
 from ..errors import CheckpointError
 from ..llm import PACKED_GROUPS
-from . import formats, native_bf16, onednn_int8
-from .kernels import NATIVE_LAYOUTS, ONEDNN_INT8, PLAIN, Kernel, QuantizedWeight, WeightRows, kernel_for, matmul, pack
+from . import built_kernels, formats, onednn_int8
+from .kernels import BUILT_LAYOUTS, ONEDNN_INT8, PLAIN, Kernel, QuantizedWeight, WeightRows, kernel_for, matmul, pack
 
 # The joined layer that replaces each PACKED_GROUPS group, by the group's parent module.
 JOINED_NAMES = {"self_attn": "qkv_proj", "mlp": "gate_up_proj"}
@@ -81,8 +81,8 @@ class QuantWeights(nn.Module):
         if self.packed is not None:
             qweight = onednn_int8.unpack(self.packed)
             self.set_weight(qweight if device is None else qweight.to(device), self.qscale.data, PLAIN, None)
-        elif self.layout in NATIVE_LAYOUTS:
-            self.set_weight(*native_bf16.unpack(self.qweight.data, self.qscale.data, self.mode), PLAIN, None)
+        elif self.layout in BUILT_LAYOUTS:
+            self.set_weight(*built_kernels.unpack(self.qweight.data, self.qscale.data, self.mode), PLAIN, None)
 
     def prepare(self, dtype: torch.dtype, *, fallback: bool = True) -> None:
         """Make the weights ready to compute in ``dtype`` on the device they are on (here: the scales' dtype)."""
