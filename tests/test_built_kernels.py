@@ -24,8 +24,8 @@ MODES = pytest.mark.parametrize("mode", ["int4", "int8"])
 # Every kernel of the C files: (variant, mode).
 VARIANT_MODES = pytest.mark.parametrize("variant, mode", [
     (v, m) for v in built_kernels.PREFERENCE for m in ("int4", "int8") if m in built_kernels.BUILDS[v].symbols])
-AVX2_VARIANTS = pytest.mark.parametrize("variant, mode", [
-    (built_kernels.AVX_VNNI, "int4"), (built_kernels.AVX2, "int4")])
+INT16 = (built_kernels.AVX512_VNNI, built_kernels.AVX_VNNI, built_kernels.AVX2)  # the int16_dot_matmul.c builds
+INT16_VARIANTS = pytest.mark.parametrize("variant, mode", [(v, m) for v in INT16 for m in ("int4", "int8")])
 
 pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")
 @pytest.fixture
 def kernel(variant, mode):
     """The ``variant``'s matmul, where this machine can build and run it (x86-64 Linux, a C compiler, the variant's
-    instructions: an AMX machine tests all four, an AVX2 one the AVX2 variant)."""
+    instructions: an AMX machine tests all five, an AVX2 one the AVX2 variant)."""
     if variant not in built_kernels.runnable_variants():
         pytest.skip(f"this machine cannot run the {variant} kernels ({built_kernels._variant(variant)[1]})")
     return functools.partial(built_kernels.matmul, variant=variant)
@@ -158,9 +158,13 @@ def test_tensors_the_c_code_cannot_take_are_refused(kernel, mode):
             kernel(*args)
 
 
-def picking_weight(columns: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A canonical int4 weight whose output n is input ``columns[n]`` times 1 (q = 9 there, 8 elsewhere; scale 1,
-    zero 0): the kernel's output shows the activation as the kernel used it."""
+def picking_weight(mode: str, columns: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A canonical ``mode`` weight whose output n is input ``columns[n]`` times 1 (int4: q = 9 there, 8 elsewhere,
+    scale 1, zero 0; int8: q = 1 there, 0 elsewhere, scale 1): the output shows the activation the kernel used."""
+    if mode == "int8":
+        qweight = torch.zeros(len(columns), k, dtype=torch.int8)
+        qweight[torch.arange(len(columns)), torch.tensor(columns)] = 1
+        return qweight, torch.ones(len(columns), dtype=torch.bfloat16)
     values = torch.full((len(columns), k), 8, dtype=torch.uint8)
     values[torch.arange(len(columns)), torch.tensor(columns)] = 9
     qscale = torch.zeros(len(columns), k // formats.int4_group_size(k), 2, dtype=torch.bfloat16)
@@ -168,10 +172,10 @@ def picking_weight(columns: list[int], k: int) -> tuple[torch.Tensor, torch.Tens
     return (values[:, 0::2] << 4) | values[:, 1::2], qscale
 
 
-@AVX2_VARIANTS
-def test_avx2_activations_are_int16_times_a_power_of_two_per_run(kernel, mode):
-    """The AVX2 variants write each run of ``group`` activations as round(x / d) * d, d = 2^(E - 15) where 2^E
-    bounds the run's largest |x| (values within 2^8 of it stay exact); runs below 2^-100 count as zero."""
+@INT16_VARIANTS
+def test_activations_are_int16_times_a_power_of_two_per_run(kernel, mode):
+    """The 16-bit dot-product variants write each run of ``group`` activations as round(x / d) * d, d = 2^(E - 15)
+    where 2^E bounds the run's largest |x| (values within 2^8 of it stay exact); runs below 2^-100 count as zero."""
     k = 512
     group = formats.int4_group_size(k)
     gen = torch.Generator().manual_seed(5)
@@ -179,7 +183,7 @@ def test_avx2_activations_are_int16_times_a_power_of_two_per_run(kernel, mode):
     x = torch.randn(3, k, generator=gen) * 10.0 ** -torch.randint(0, 7, (3, k), generator=gen).float()
     x = (x * run_scale.repeat_interleave(group)).bfloat16()
     columns = torch.randperm(k, generator=gen)[:96].tolist()
-    got = kernel(x, *built_kernels.pack(*picking_weight(columns, k), mode), mode)
+    got = kernel(x, *built_kernels.pack(*picking_weight(mode, columns, k), mode), mode)
     runs = x.double().view(3, -1, group)
     top = runs.abs().amax(-1, keepdim=True)
     d = 2.0 ** (torch.floor(torch.log2(top)) + 1 - 15)
@@ -190,8 +194,8 @@ def test_avx2_activations_are_int16_times_a_power_of_two_per_run(kernel, mode):
     assert torch.equal(used[near], x.double()[near])
 
 
-@AVX2_VARIANTS
-def test_avx2_non_finite_activation_makes_its_row_nan(kernel, mode):
+@INT16_VARIANTS
+def test_a_non_finite_activation_makes_its_row_nan(kernel, mode):
     qweight, qscale = canonical(mode, 64, 256)
     packed = built_kernels.pack(qweight, qscale, mode)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(6)).bfloat16()
@@ -211,10 +215,13 @@ ALL = built_kernels.PREFERENCE
 
 
 @pytest.mark.parametrize("caps, change, env, runs", [
-    (NATIVE_CAPS, {}, {}, (built_kernels.AVX512, built_kernels.AVX2)),
-    (NATIVE_CAPS, {"amx_bf16": True}, {}, (built_kernels.AMX, built_kernels.AVX512, built_kernels.AVX2)),
+    (NATIVE_CAPS, {}, {}, (built_kernels.AVX512, built_kernels.AVX512_VNNI, built_kernels.AVX2)),
+    (NATIVE_CAPS, {"amx_bf16": True}, {},
+     (built_kernels.AMX, built_kernels.AVX512, built_kernels.AVX512_VNNI, built_kernels.AVX2)),
     (NATIVE_CAPS, {"amx_bf16": True}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
-     (built_kernels.AVX512, built_kernels.AVX2)),
+     (built_kernels.AVX512, built_kernels.AVX512_VNNI, built_kernels.AVX2)),
+    (NATIVE_CAPS, {"avx512_bf16": False}, {}, (built_kernels.AVX512_VNNI, built_kernels.AVX2)),  # Ice Lake
+    (NATIVE_CAPS, {}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, (built_kernels.AVX2,)),
     (NATIVE_CAPS, {"capability": "AVX2"}, {}, (built_kernels.AVX2,)),  # ATEN_CPU_CAPABILITY=avx2
     (AVX2_CAPS, {}, {}, (built_kernels.AVX2,)),
     (AVX2_CAPS, {"avx_vnni": True}, {}, (built_kernels.AVX_VNNI, built_kernels.AVX2)),
@@ -287,41 +294,48 @@ def test_without_a_compiler_the_reason_says_so(build_anywhere, monkeypatch):
     assert "no C compiler found (set CC" in built_kernels.unavailable_reason("int4")
 
 
-@pytest.mark.parametrize("variant, served", [
-    (built_kernels.AMX, ("int4", "int8")), (built_kernels.AVX512, ("int4",)), (built_kernels.AVX_VNNI, ("int4",)),
-    (built_kernels.AVX2, ("int4",))])
-def test_each_variant_serves_its_modes(variant, served, monkeypatch):
-    """AMX CPUs: both modes on AMX tiles; the others int4, int8 staying with oneDNN's GEMM (a fake library stands for
-    the build: the choice, not the C code, is under test)."""
+@pytest.mark.parametrize("runs, int4, int8", [
+    ((built_kernels.AMX, built_kernels.AVX512, built_kernels.AVX512_VNNI, built_kernels.AVX2),
+     built_kernels.AMX, built_kernels.AMX),
+    ((built_kernels.AVX512, built_kernels.AVX512_VNNI, built_kernels.AVX2), built_kernels.AVX512,
+     built_kernels.AVX512_VNNI),
+    ((built_kernels.AVX_VNNI, built_kernels.AVX2), built_kernels.AVX_VNNI, built_kernels.AVX_VNNI),
+    ((built_kernels.AVX2,), built_kernels.AVX2, built_kernels.AVX2),
+])
+def test_each_mode_takes_the_best_variant_that_has_it(runs, int4, int8, monkeypatch):
+    """AMX CPUs: both modes on AMX tiles; AVX512-BF16 ones int4 on bf16 dot products and int8 on 16-bit integer ones
+    (that variant has no int8); the others both on their 16-bit dot products (fake builds stand for the C code: the
+    choice is under test)."""
     def fake(*args):
-        raise AssertionError("not called")
-    functions = {variant: {m: fake for m in built_kernels.BUILDS[variant].symbols}}
-    monkeypatch.setattr(built_kernels, "_load", lambda: (built_kernels.Library(functions, variant), None))
+        raise RuntimeError("a fake kernel")
+    monkeypatch.setattr(built_kernels, "platform_problem", lambda caps: None)
+    monkeypatch.setattr(built_kernels, "_variant", lambda v: ({m: fake for m in built_kernels.BUILDS[v].symbols}, None)
+                        if v in runs else (None, "needs other instructions"))
+    assert (built_kernels.chosen_variant("int4"), built_kernels.chosen_variant("int8")) == (int4, int8)
     for mode in ("int4", "int8"):
-        assert built_kernels.available(mode) == (mode in served)
-    if "int8" not in served:
-        reason = built_kernels.unavailable_reason("int8")
-        assert reason == f"has no int8 kernel for this CPU class ({variant} variant)"
-        choice = kernel_for(CPU, "int8", torch.bfloat16)
-        assert choice.layout != BUILT_INT8 and "has no int8 kernel for this CPU class" in choice.reason
+        choice = kernel_for(CPU, mode, torch.bfloat16)  # the fake fails its self-check: the stock kernel serves
+        assert choice.layout != LAYOUT[mode] and "RuntimeError: a fake kernel" in choice.reason
 
 
 def test_this_machine_uses_the_best_variant_it_runs():
-    library, problem = built_kernels._load()
-    if library is None:
-        pytest.skip(f"the built kernels {problem}")
     caps = precision.local_cpu_caps()
     runs = tuple(v for v in ALL if built_kernels.cpu_problem(v, caps) is None)
-    assert built_kernels.runnable_variants() == runs and library.variant == runs[0]
+    if built_kernels.platform_problem(caps) or not runs:
+        pytest.skip(f"the built kernels {built_kernels.unavailable_reason('int4')}")
+    assert built_kernels.runnable_variants() == runs
+    for mode in ("int4", "int8"):
+        assert built_kernels.chosen_variant(mode) == next(v for v in runs if mode in built_kernels.BUILDS[v].symbols)
     cpu_class = precision.bf16_class(caps)
     vnni = caps.avx_vnni and precision.onednn_allows(caps.onednn_isa_limit, "AVX2_VNNI")
-    assert library.variant == {precision.AMX: built_kernels.AMX, precision.NATIVE: built_kernels.AVX512}.get(
-        cpu_class, built_kernels.AVX_VNNI if vnni else built_kernels.AVX2)
+    assert built_kernels.chosen_variant("int4") == {precision.AMX: built_kernels.AMX,
+                                                     precision.NATIVE: built_kernels.AVX512}.get(
+        cpu_class, runs[0] if built_kernels.AVX512_VNNI in runs else built_kernels.AVX_VNNI if vnni
+        else built_kernels.AVX2)
 
 
 def test_amx_state_refused_is_named_and_the_next_variant_serves(monkeypatch, tmp_path, caplog):
-    """An AMX CPU whose Linux does not grant AMX state (or a compiler without AMX) uses the AVX512-BF16 variant and
-    says why, rather than faulting on the first tile instruction."""
+    """An AMX CPU whose Linux does not grant AMX state (or a compiler without AMX) uses the next variants and says
+    why, rather than faulting on the first tile instruction."""
     if built_kernels._compiler() is None:
         pytest.skip("no C compiler on this machine")
     monkeypatch.setenv("JANUS_KERNEL_CACHE", str(tmp_path / "cache"))
@@ -329,10 +343,11 @@ def test_amx_state_refused_is_named_and_the_next_variant_serves(monkeypatch, tmp
     monkeypatch.setattr(built_kernels, "cpu_problem", lambda variant, caps: None)
     monkeypatch.setattr(built_kernels, "_amx_problem", lambda library: "Linux did not grant this process AMX state")
     caplog.set_level(logging.WARNING)
-    assert built_kernels.unavailable_reason("int4") is None
-    assert built_kernels.unavailable_reason("int8") == "has no int8 kernel for this CPU class (avx512bf16 variant)"
-    assert ("the amx variant cannot use AMX: Linux did not grant this process AMX state; the avx512bf16 variant "
-            "serves instead") in caplog.text
+    assert built_kernels.chosen_variant("int4") == built_kernels.AVX512
+    assert built_kernels.chosen_variant("int8") == built_kernels.AVX512_VNNI
+    for mode, variant in (("int4", built_kernels.AVX512), ("int8", built_kernels.AVX512_VNNI)):
+        assert (f"{mode} on this CPU: the amx variant cannot use AMX: Linux did not grant this process AMX state; the "
+                f"{variant} variant serves instead") in caplog.text
 
 
 @MODES

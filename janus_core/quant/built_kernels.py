@@ -6,16 +6,18 @@ rows, an AR decode step at batch 16), and on AVX2 CPUs it reads about a third of
 gives (int4 at batch 1 ~1.5x bf16 there, not 2x); oneDNN's int8 GEMM (:mod:`.onednn_int8`) needs two split terms
 per row. The kernels keep the weights as 4- or 8-bit integers, widen them as they are used and multiply them with
 the CPU's integer-exact dot products; scales (and int4 zeros) are applied once per group in float32 (the C files'
-headers state the arithmetic and the layout). Variants, best first (the first this CPU runs is used):
+headers state the arithmetic and the layout). Variants, best first (per mode, the first this CPU runs that has the
+mode is used):
 
 * ``amx`` on ``amx-bf16`` CPUs (Intel Sapphire Rapids and later; ``int_bf16_matmul.c``): int4 and int8 in AMX
   tiles (``tdpbf16ps``), after Linux grants the process AMX state (the first call asks, as oneDNN does).
 * ``avx512bf16`` on ``native-bf16`` CPUs (AVX512-BF16: AMD Zen 4 / Zen 5, Intel Cooper Lake; the same file): int4
-  in ``vdpbf16ps`` register tiles (int8 stays on oneDNN's GEMM there, measured as fast as bf16 at batch 16).
-* ``avxvnni`` / ``avx2`` on the other x86 CPUs with AVX2 and FMA (``emulated-bf16``: Intel Haswell to Alder Lake,
-  AMD Zen 1-3; ``int4_avx2_matmul.c``): int4 with 16-bit integer dot products (``vpdpwssd`` where the CPU has
-  AVX-VNNI, else ``vpmaddwd``), the activations written per group as 16-bit integers times a power of two (exact
-  for values within 2^8 of the group's largest; int8 stays on oneDNN's GEMM, ~2x bf16 there).
+  in ``vdpbf16ps`` register tiles.
+* ``avx512vnni``, ``avxvnni``, ``avx2`` (``int16_dot_matmul.c`` built three ways): int4 and int8 with 16-bit
+  integer dot products (``vpdpwssd`` on 512-bit vectors with AVX512-VNNI: int8 on Zen 4 / 5, both modes on Intel
+  Cascade Lake / Ice Lake; ``vpdpwssd`` on 256-bit vectors with AVX-VNNI: Alder Lake and later clients; else
+  ``vpmaddwd``: Haswell to Comet Lake, AMD Zen 1-3), the activations written per group as 16-bit integers times a
+  power of two (exact for values within 2^8 of the group's largest, the others within 2^-16 of it).
 
 All read the same layouts (:func:`pack`). They are built with the machine's C compiler (``$CC``, else ``cc`` /
 ``gcc`` / ``clang``) into a cache folder (``$JANUS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/comfyui-janus/kernels``,
@@ -53,9 +55,10 @@ logger = logging.getLogger(__name__)
 
 AMX = "amx"
 AVX512 = "avx512bf16"
+AVX512_VNNI = "avx512vnni"
 AVX_VNNI = "avxvnni"
 AVX2 = "avx2"
-PREFERENCE = (AMX, AVX512, AVX_VNNI, AVX2)  # best first
+PREFERENCE = (AMX, AVX512, AVX512_VNNI, AVX_VNNI, AVX2)  # best first, per mode
 AMX_REQUEST = "janus_amx_request"
 BUILD_TIMEOUT = 300  # seconds
 BLOCK = 32  # outputs per block of the layouts
@@ -63,6 +66,9 @@ MAX_GROUP = 256  # the C files' 2 * MAX_PAIRS
 SWITCH = "JANUS_NATIVE_KERNELS"
 # Rows packed per step (whole blocks): the unpacked 0..15 values of a 102400-row lm_head would take 420 MB.
 PACK_ROWS = 4096
+
+
+INT16_SOURCE = "int16_dot_matmul.c"
 
 
 @dataclass(frozen=True)
@@ -75,22 +81,23 @@ class Build:
 
     def scratch_bytes(self, mode: str, rows: int, k: int, group: int) -> int:
         """Bytes of work memory the function needs for ``rows x k`` activations (int4: ``group`` inputs per scale)."""
-        if mode == "int8":
-            return 0
         runs = rows * (k // group)
-        # int4_avx2_matmul.c: the activations as int16, and per run d, c d (float32) and 8 c (int32)
-        return rows * k * 2 + runs * 12 if self.source == "int4_avx2_matmul.c" else runs * 4  # run sums (float32)
+        if self.source == INT16_SOURCE:  # the activations as int16, and per run d, c d (float32), 8 c (int32)
+            return rows * k * 2 + runs * 12
+        return 0 if mode == "int8" else runs * 4  # int4: the runs' sums (float32)
 
 
 _COMMON = ("-O3", "-fPIC", "-shared", "-fopenmp")
 _BF16 = (*_COMMON, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 _AVX2 = (*_COMMON, "-mavx2", "-mfma")
+_INT16 = {"int4": "janus_int4_int16_matmul", "int8": "janus_int8_int16_matmul"}
 BUILDS = {
     AMX: Build("int_bf16_matmul.c", _BF16, {"int4": "janus_int4_amx_matmul", "int8": "janus_int8_amx_matmul"}),
     AVX512: Build("int_bf16_matmul.c", _BF16, {"int4": "janus_int4_bf16_matmul"}),
-    AVX_VNNI: Build("int4_avx2_matmul.c", (*_AVX2, "-mavxvnni", "-DJANUS_AVX_VNNI"),
-                    {"int4": "janus_int4_avx2_matmul"}),
-    AVX2: Build("int4_avx2_matmul.c", _AVX2, {"int4": "janus_int4_avx2_matmul"}),
+    AVX512_VNNI: Build(INT16_SOURCE, (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vnni", "-DJANUS_AVX512_VNNI"),
+                       _INT16),
+    AVX_VNNI: Build(INT16_SOURCE, (*_AVX2, "-mavxvnni", "-DJANUS_AVX_VNNI"), _INT16),
+    AVX2: Build(INT16_SOURCE, _AVX2, _INT16),
 }
 
 
@@ -133,6 +140,11 @@ def cpu_problem(variant: str, caps: precision.CpuCaps) -> str | None:
         return f"needs torch's AVX2 kernels (torch runs at {caps.capability}, see ATEN_CPU_CAPABILITY)"
     if variant == AVX_VNNI and not (caps.avx_vnni and precision.onednn_allows(caps.onednn_isa_limit, "AVX2_VNNI")):
         return "needs a CPU with AVX-VNNI (within ONEDNN_MAX_CPU_ISA)"
+    if variant == AVX512_VNNI:
+        if not (caps.avx512_vnni and precision.onednn_allows(caps.onednn_isa_limit, "AVX512_CORE_VNNI")):
+            return "needs a CPU with AVX512-VNNI (within ONEDNN_MAX_CPU_ISA)"
+        if caps.capability != "AVX512":
+            return f"needs torch's AVX-512 kernels (torch runs at {caps.capability}, see ATEN_CPU_CAPABILITY)"
     return None
 
 
@@ -239,42 +251,35 @@ def _variant(variant: str) -> tuple[dict[str, Callable[..., None]] | None, str |
     return functions, None
 
 
-@dataclass(frozen=True)
-class Library:
-    """The loaded kernels: ``functions[variant][mode]`` for the variants loaded, and the ``variant`` used (the best
-    one this CPU runs)."""
-
-    functions: dict[str, dict[str, Callable[..., None]]]
-    variant: str
-
-
 @functools.cache
-def _load() -> tuple[Library | None, str | None]:
-    """(the best variant this machine runs, None) or (None, why none); once per process. A variant the CPU has
-    but that cannot be built or run is named in a warning, with what serves instead."""
+def _chosen(mode: str) -> tuple[str | None, str | None]:
+    """(the best variant this machine runs for ``mode``, None) or (None, why none); once per process and mode. A
+    better variant the CPU has but that cannot be built or run is named in a warning, with what serves instead."""
     problem = platform_problem(precision.local_cpu_caps())
     if problem:
         return None, problem
     failed = []
-    for variant in PREFERENCE:
+    for variant in (v for v in PREFERENCE if mode in BUILDS[v].symbols):
         functions, problem = _variant(variant)
         if functions is None:
             if not problem.startswith("needs "):  # the CPU has the instructions, but the variant cannot be used
                 failed.append(f"the {variant} variant {problem}")
             continue
         if failed:
-            logger.warning("int4 / int8 kernels on this CPU: %s; the %s variant serves instead (slower). Install a "
-                           "C compiler (gcc) or set CC; %s=0 silences this.", "; ".join(failed), variant, SWITCH)
-        logger.info("int4 / int8 kernels: %s variant", variant)
-        return Library({variant: functions}, variant), None
-    logger.warning("int4 / int8 kernels on this CPU: %s; the stock kernels serve instead (about 2x slower at batch "
-                   "16). Install a C compiler (gcc) or set CC; %s=0 silences this.", "; ".join(failed), SWITCH)
-    return None, failed[0] if len(failed) == 1 else "; ".join(failed)
+            logger.warning("%s on this CPU: %s; the %s variant serves instead (slower). Install a C compiler (gcc) "
+                           "or set CC; %s=0 silences this.", mode, "; ".join(failed), variant, SWITCH)
+        logger.info("%s weights: the %s variant of the built kernels", mode, variant)
+        return variant, None
+    if not failed:
+        return None, f"has no {mode} kernel for this CPU"
+    logger.warning("%s on this CPU: %s; the stock kernels serve instead (about 2x slower at batch 16). Install a C "
+                   "compiler (gcc) or set CC; %s=0 silences this.", mode, "; ".join(failed), SWITCH)
+    return None, "; ".join(failed)
 
 
 def forget() -> None:
     """Decide again at the next call what loads (after changing ``JANUS_NATIVE_KERNELS``, ``CC``, the cache)."""
-    for cached in (_load, _variant, _library):
+    for cached in (_chosen, _variant, _library):
         cached.cache_clear()
 
 
@@ -283,12 +288,14 @@ def runnable_variants() -> tuple[str, ...]:
     return tuple(variant for variant in PREFERENCE if _variant(variant)[0] is not None)
 
 
+def chosen_variant(mode: str) -> str | None:
+    """The variant that serves ``mode`` here (builds it on the first call where one can be), or None."""
+    return _chosen(mode)[0]
+
+
 def unavailable_reason(mode: str) -> str | None:
-    """Why no kernel serves ``mode`` here (builds the best variant on the first call where one can be), or None."""
-    library, problem = _load()
-    if library is not None and mode not in library.functions[library.variant]:
-        return f"has no {mode} kernel for this CPU class ({library.variant} variant)"
-    return problem
+    """Why no built kernel serves ``mode`` here, or None."""
+    return _chosen(mode)[1]
 
 
 def available(mode: str) -> bool:
@@ -345,9 +352,9 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mode: st
            ) -> torch.Tensor:
     """``x [M, K]`` bf16 (CPU) times the :func:`pack` ed ``mode`` weight ``[N, K]`` transposed -> ``[M, N]`` bf16, by
     the ``variant`` (one of :func:`runnable_variants`; default: the CPU class's)."""
-    library, problem = _load()
-    if library is None:
-        raise JanusError(f"internal: the int4 / int8 kernels {problem}")
+    chosen, problem = _chosen(mode)
+    if chosen is None and variant is None:
+        raise JanusError(f"internal: the {mode} kernels {problem}")
     if x.dim() != 2 or packed.dim() != 3:
         raise JanusError(f"internal: {mode} kernel given x {list(x.shape)} and weight {list(packed.shape)} (needs "
                          "[M, K] and [N / 32, K / 2, width])")
@@ -363,8 +370,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mode: st
             or scales.dtype != torch.bfloat16 or not fits(mode, n, k) or x.device.type != "cpu"):
         raise JanusError(f"internal: {mode} kernel given x {list(x.shape)} {x.dtype} on {x.device}, weight "
                          f"{list(packed.shape)} {packed.dtype}, scales {list(scales.shape)} {scales.dtype}")
-    variant = variant or library.variant
-    function = (library.functions.get(variant) or _variant(variant)[0] or {}).get(mode)
+    variant = variant or chosen
+    function = (_variant(variant)[0] or {}).get(mode)
     if function is None:
         raise JanusError(f"internal: no {variant} {mode} kernel on this machine (it runs {runnable_variants()})")
     x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()

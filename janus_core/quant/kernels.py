@@ -9,10 +9,10 @@ Kernels (``torch.ops.aten``, semantics checked on torch 2.13; the self-check re-
   ``_convert_weight_to_int4pack_for_cpu(int32 [N, K] values, ...)`` into a layout that depends on the CPU
   (blocks of 64 rows on AVX-512, 32 on AVX2), so it is made at load, never stored. ``w = (q - 8) s + z``.
 * :func:`.built_kernels.matmul` (CPU, tried first for int4 and int8): C kernels built at first use on Linux x86-64
-  CPUs, a variant per CPU class (AMX tiles, AVX512-BF16 dot products, AVX2 / AVX-VNNI 16-bit integer dot products),
-  multiplying the integer weights (layouts ``built-int4`` / ``built-int8``, made at load; int8 only on AMX CPUs);
-  faster than the stock kernels, and than bf16 up to ~32-200 rows, about bf16's speed beyond. Their rows do not
-  depend on how many rows are multiplied together, so they serve every row count.
+  CPUs with AVX2, the best variant the CPU has per mode (AMX tiles, AVX512-BF16 dot products, 16-bit integer dot
+  products on AVX512-VNNI / AVX-VNNI / AVX2), multiplying the integer weights (layouts ``built-int4`` /
+  ``built-int8``, made at load); faster than the stock kernels, and than bf16 up to ~32-200 rows, about bf16's speed
+  beyond. Their rows do not depend on how many rows are multiplied together, so they serve every row count.
 * ``_weight_int4pack_mm(x bf16, tiled int32, group, scale_zeros)`` (CUDA sm80+, MPS): tiled by
   ``_convert_weight_to_int4pack(uint8 [N, K / 2] with the even input in the high nibble, inner_k_tiles)``.
 * :func:`.onednn_int8.matmul` (CPU, tried first for int8): oneDNN's integer GEMM on a weight prepacked at load
