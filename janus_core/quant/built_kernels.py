@@ -17,7 +17,8 @@ mode is used):
   integer dot products (``vpdpwssd`` on 512-bit vectors with AVX512-VNNI: int8 on Zen 4 / 5, both modes on Intel
   Cascade Lake / Ice Lake; ``vpdpwssd`` on 256-bit vectors with AVX-VNNI: Alder Lake and later clients; else
   ``vpmaddwd``: Haswell to Comet Lake, AMD Zen 1-3), the activations written per group as 16-bit integers times a
-  power of two (exact for values within 2^8 of the group's largest, the others within 2^-16 of it).
+  power of two (exact for values within 2^8 of the group's largest, the others within 2^-16 of it). AVX-VNNI CPUs
+  leave int8 to oneDNN's GEMM (its byte dot products measured faster there at batch 16).
 
 All read the same layouts (:func:`pack`). They are built with the machine's C compiler (``$CC``, else ``cc`` /
 ``gcc`` / ``clang``) into a cache folder (``$JANUS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/comfyui-janus/kernels``,
