@@ -206,6 +206,13 @@ def test_a_non_finite_activation_makes_its_row_nan(kernel, mode):
     assert torch.equal(got[[0, 3]], kernel(x[[0, 3]], *packed, mode)) and not got[[0, 3]].isnan().any()
 
 
+def test_an_unknown_variant_is_named():
+    qweight, qscale = canonical("int4", 32, 64)
+    with pytest.raises(JanusError, match="no kernel variant 'avx1024'"):
+        built_kernels.matmul(torch.zeros(1, 64).bfloat16(), *built_kernels.pack(qweight, qscale, "int4"), "int4",
+                             variant="avx1024")
+
+
 # --- when it is offered, the build ---------------------------------------------------------------------------------
 
 

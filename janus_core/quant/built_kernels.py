@@ -130,24 +130,21 @@ def _openmp_runtimes() -> set[str]:
 def cpu_problem(variant: str, caps: precision.CpuCaps) -> str | None:
     """Why ``variant``'s instructions are not for this CPU (or not within torch's limits: ``ATEN_CPU_CAPABILITY``,
     ``ONEDNN_MAX_CPU_ISA``), or None."""
-    cpu_class = precision.bf16_class(caps)
-    if variant in (AMX, AVX512):
-        if cpu_class not in ((precision.AMX,) if variant == AMX else (precision.NATIVE, precision.AMX)):
-            return "needs a CPU with AMX" if variant == AMX else "needs a CPU with AVX512-BF16"
-        if caps.capability != "AVX512":
-            return f"needs torch's AVX-512 kernels (torch runs at {caps.capability}, see ATEN_CPU_CAPABILITY)"
-        return None
-    if not {"avx2", "fma"} <= set(caps.flags):
+    limit = caps.onednn_isa_limit
+    if variant == AMX and precision.bf16_class(caps) != precision.AMX:
+        return "needs a CPU with AMX"
+    if variant == AVX512 and precision.bf16_class(caps) not in (precision.NATIVE, precision.AMX):
+        return "needs a CPU with AVX512-BF16"
+    if variant not in (AMX, AVX512) and not {"avx2", "fma"} <= set(caps.flags):
         return "needs a CPU with AVX2 and FMA"
-    if caps.capability not in ("AVX2", "AVX512"):
-        return f"needs torch's AVX2 kernels (torch runs at {caps.capability}, see ATEN_CPU_CAPABILITY)"
-    if variant == AVX_VNNI and not (caps.avx_vnni and precision.onednn_allows(caps.onednn_isa_limit, "AVX2_VNNI")):
+    capabilities = ("AVX2", "AVX512") if variant in (AVX_VNNI, AVX2) else ("AVX512",)
+    if caps.capability not in capabilities:
+        return (f"needs torch's {'AVX2' if variant in (AVX_VNNI, AVX2) else 'AVX-512'} kernels (torch runs at "
+                f"{caps.capability}, see ATEN_CPU_CAPABILITY)")
+    if variant == AVX_VNNI and not (caps.avx_vnni and precision.onednn_allows(limit, "AVX2_VNNI")):
         return "needs a CPU with AVX-VNNI (within ONEDNN_MAX_CPU_ISA)"
-    if variant == AVX512_VNNI:
-        if not (caps.avx512_vnni and precision.onednn_allows(caps.onednn_isa_limit, "AVX512_CORE_VNNI")):
-            return "needs a CPU with AVX512-VNNI (within ONEDNN_MAX_CPU_ISA)"
-        if caps.capability != "AVX512":
-            return f"needs torch's AVX-512 kernels (torch runs at {caps.capability}, see ATEN_CPU_CAPABILITY)"
+    if variant == AVX512_VNNI and not (caps.avx512_vnni and precision.onednn_allows(limit, "AVX512_CORE_VNNI")):
+        return "needs a CPU with AVX512-VNNI (within ONEDNN_MAX_CPU_ISA)"
     return None
 
 
@@ -361,7 +358,9 @@ def unpack(packed: torch.Tensor, scales: torch.Tensor, mode: str) -> tuple[torch
 def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mode: str, variant: str | None = None
            ) -> torch.Tensor:
     """``x [M, K]`` bf16 (CPU) times the :func:`pack` ed ``mode`` weight ``[N, K]`` transposed -> ``[M, N]`` bf16, by
-    the ``variant`` (one of :func:`runnable_variants`; default: the CPU class's)."""
+    the ``variant`` (one of :func:`runnable_variants`; default: :func:`chosen_variant`)."""
+    if variant is not None and variant not in BUILDS:
+        raise JanusError(f"internal: no kernel variant {variant!r} (there are {', '.join(PREFERENCE)})")
     chosen, problem = _chosen(mode)
     if chosen is None and variant is None:
         raise JanusError(f"internal: the {mode} kernels {problem}")
